@@ -1,0 +1,1 @@
+"""Tandem services: one package per role, each started with `python -m services.<role>`."""

@@ -1,0 +1,1 @@
+"""The SLO planner: filled by a later issue (forecasting and scaling workers)."""

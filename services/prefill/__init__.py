@@ -1,0 +1,1 @@
+"""The prefill worker: filled by the disaggregation issue (#3)."""

@@ -1,0 +1,3 @@
+"""Tandem: a disaggregated LLM serving mesh of gRPC microservices."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""Domain types the engines speak; the services translate them to and from protobuf."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from tandem.errors import InvalidRequest
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How tokens are chosen and when generation stops. Validated on construction."""
+
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}", "temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0 (0 disables), got {self.top_k}", "top_k")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidRequest(f"seed must be in [0, 2^63), got {self.seed}", "seed")
+        if any(not s for s in self.stop):
+            raise InvalidRequest("stop strings must not be empty", "stop")
+        if len(self.stop) > 16:
+            raise InvalidRequest(f"at most 16 stop strings, got {len(self.stop)}", "stop")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One streamed update of a request: new tokens and text since the previous one."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks_used: int = 0
+    num_kv_blocks_total: int = 0
+    num_free_queue_slots: int = 0
+    num_prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    num_prefix_cache_hits: int = 0  # prompt tokens found there
+    block_size: int = 16
+    max_model_len: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class StepInfo:
+    """What one forward pass did; reported to the worker's metrics."""
+
+    num_seqs: int  # requests in the batch
+    num_tokens: int  # tokens computed (prefill chunks + one per decoding request)
+    num_prefill_tokens: int
+    duration_s: float
