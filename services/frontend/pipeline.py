@@ -1,0 +1,313 @@
+"""The request pipeline every frontend API shares: model check, tokenisation, validation, then
+route via the router and stream the tokens straight from the chosen decode worker."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+from prometheus_client import CollectorRegistry
+
+from services.frontend.metrics import STATUS_CANCELLED, STATUS_SUCCESS, FrontendMetrics
+from services.frontend.wire import finish_reason_from_proto, sampling_to_proto
+from tandem.engine.types import FinishReason, RequestOutput, SamplingParams
+from tandem.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable
+from tandem.grpc_server import CHANNEL_OPTIONS
+from tandem.proto.common.v1 import common_pb2
+from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
+from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
+from tandem.telemetry.logging import REQUEST_ID_HEADER
+
+log = structlog.get_logger(__name__)
+
+_ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name; chat templates know "system"
+# Worker failures worth another worker, as long as the client has seen no token yet.
+_REROUTE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+_ERROR_FROM_DETAIL: dict[int, type[TandemError]] = {
+    common_pb2.ERROR_CODE_INVALID_ARGUMENT: InvalidRequest,
+    common_pb2.ERROR_CODE_NOT_FOUND: NotFound,
+    common_pb2.ERROR_CODE_UNAVAILABLE: Unavailable,
+    common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED: ResourceExhausted,
+}
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    endpoint: str  # metrics label, e.g. "chat_completions", "completions", "native_generate"
+    streaming: bool  # metrics label request_type = "stream" | "unary"
+
+
+class _WorkerStreamBroken(Exception):
+    """The worker went away; re-routable only while the client has seen nothing."""
+
+    def __init__(self, message: str, status: grpc.StatusCode | None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Pipeline:
+    """Shared by the OpenAI HTTP, native gRPC and KServe APIs; one per frontend process.
+
+    The synchronous helpers (check_model, tokenize, apply_chat_template, validate_prompt)
+    raise tandem.errors with the request field at fault; ``generate`` streams the outputs.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        max_model_len: int,
+        tokenizer: Any,
+        router_address: str,
+        metrics: FrontendMetrics | None = None,
+        request_timeout_s: float | None = None,
+        route_timeout_s: float = 5.0,
+        max_reroutes: int = 2,
+    ) -> None:
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.router_address = router_address
+        self.metrics = metrics if metrics is not None else FrontendMetrics(CollectorRegistry())
+        self.request_timeout_s = request_timeout_s
+        self.route_timeout_s = route_timeout_s
+        self.max_reroutes = max_reroutes
+        self._router_channel = grpc.aio.insecure_channel(router_address, options=CHANNEL_OPTIONS)
+        self._router = router_pb2_grpc.RouterServiceStub(self._router_channel)
+        self._worker_channels: dict[str, grpc.aio.Channel] = {}
+
+    @classmethod
+    def from_model_dir(cls, model_path: Path, *, model_name: str, max_model_len: int | None = None,
+                       **kwargs: Any) -> Pipeline:
+        """Load the tokenizer (blocking, ~1 s: call it off the event loop)."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        if max_model_len is None:
+            config = json.loads((model_path / "config.json").read_text())
+            max_model_len = int(config.get("max_position_embeddings") or 2048)
+        return cls(model_name=model_name, max_model_len=max_model_len, tokenizer=tokenizer, **kwargs)
+
+    async def close(self) -> None:
+        for channel in [self._router_channel, *self._worker_channels.values()]:
+            await channel.close()
+        self._worker_channels.clear()
+
+    # -- request preparation ---------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.model_name:
+            raise NotFound(f"The model '{model}' does not exist; this server serves '{self.model_name}'", "model")
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("messages must be a non-empty list", "messages")
+        normalised = [_normalise_message(i, message) for i, message in enumerate(messages)]
+        try:
+            token_ids = self.tokenizer.apply_chat_template(
+                normalised, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # the template is model code: any failure means bad messages
+            raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", "messages") from exc
+        return list(token_ids)
+
+    def validate_prompt(self, token_ids: list[int], sampling: SamplingParams, field: str = "prompt") -> None:
+        if not token_ids:
+            raise InvalidRequest(f"{field} is empty: there must be at least one prompt token", field)
+        num_needed = len(token_ids) + (sampling.max_tokens or 1)
+        if num_needed > self.max_model_len:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens, but the request "
+                f"needs {num_needed} ({len(token_ids)} in the {field}, {sampling.max_tokens or 1} for the "
+                "completion). Shorten the prompt or lower max_tokens.",
+                field,
+            )
+        for token_id in token_ids:
+            if not 0 <= token_id < self.vocab_size:
+                raise InvalidRequest(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})", field)
+
+    # -- generation ------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs; the last has finish_reason set.
+
+        Raises Unavailable (no healthy worker, or the worker failed), InvalidRequest or
+        ResourceExhausted (from the worker) - before the first output or, rarely, mid-stream.
+        Closing the iterator (use contextlib.aclosing) or cancelling the task cancels the worker
+        call, which aborts the request there and frees its KV blocks.
+        """
+        tracker = self.metrics.track(self.model_name, request.endpoint,
+                                     "stream" if request.streaming else "unary", len(request.prompt_token_ids))
+        status = STATUS_CANCELLED
+        try:
+            async with aclosing(self._generate_rerouting(request)) as outputs:
+                async for output in outputs:
+                    tracker.on_tokens(len(output.token_ids))
+                    if output.finished:
+                        status = STATUS_SUCCESS
+                    yield output
+        except TandemError as exc:
+            status = exc.code
+            raise
+        except Exception:
+            status = "internal"
+            log.exception("generate failed", request_id=request.request_id)
+            raise
+        finally:  # also on GeneratorExit / CancelledError, which leave status "cancelled"
+            tracker.finish(status)
+
+    async def _generate_rerouting(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        excluded_worker_ids: list[str] = []
+        while True:
+            route = await self._route(request, excluded_worker_ids)
+            started = False
+            try:
+                async with aclosing(self._stream_from_worker(request, route)) as outputs:
+                    async for output in outputs:
+                        started = True
+                        yield output
+                return
+            except _WorkerStreamBroken as exc:
+                if started or len(excluded_worker_ids) >= self.max_reroutes:
+                    raise Unavailable(f"worker {route.worker_id} failed: {exc}") from None
+                log.warning("worker failed before the first token; re-routing", worker_id=route.worker_id,
+                            address=route.address, error=str(exc), request_id=request.request_id)
+                excluded_worker_ids.append(route.worker_id)
+
+    async def _route(self, request: GenerationRequest, excluded_worker_ids: list[str]) -> router_pb2.RouteResponse:
+        message = router_pb2.RouteRequest(
+            request_id=request.request_id, model=self.model_name,
+            token_ids=request.prompt_token_ids, exclude_worker_ids=excluded_worker_ids,
+        )
+        try:
+            return await self._router.Route(message, metadata=_metadata(request), timeout=self.route_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidRequest(exc.details() or "rejected by the router") from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise ResourceExhausted(exc.details() or "every worker is at capacity") from None
+            # UNAVAILABLE from the router means no healthy worker; any other failure means the
+            # router itself cannot answer - either way no worker can be reached.
+            raise Unavailable(
+                f"no healthy worker for model '{self.model_name}' (router {self.router_address}: "
+                f"{code.name}: {exc.details()})"
+            ) from None
+
+    async def _stream_from_worker(
+        self, request: GenerationRequest, route: router_pb2.RouteResponse
+    ) -> AsyncIterator[RequestOutput]:
+        stub = worker_pb2_grpc.WorkerServiceStub(self._worker_channel(route.address))
+        call = stub.Generate(
+            worker_pb2.GenerateRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+                                       sampling=sampling_to_proto(request.sampling)),
+            metadata=_metadata(request), timeout=self.request_timeout_s,
+        )
+        num_output_tokens = 0
+        try:
+            async for response in call:
+                if response.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                    raise _error_from_detail(response.error)
+                token_ids = list(response.delta.token_ids)
+                num_output_tokens += len(token_ids)
+                finish_reason = finish_reason_from_proto(response.finish_reason)
+                output = RequestOutput(
+                    request_id=request.request_id, token_ids=token_ids, text=response.delta.text,
+                    finish_reason=finish_reason, num_prompt_tokens=len(request.prompt_token_ids),
+                    num_output_tokens=num_output_tokens,
+                )
+                if response.HasField("usage"):
+                    output.num_prompt_tokens = response.usage.prompt_tokens or output.num_prompt_tokens
+                    output.num_output_tokens = response.usage.completion_tokens or num_output_tokens
+                    output.num_cached_tokens = response.usage.cached_prompt_tokens
+                if not token_ids and not output.text and finish_reason is None:
+                    continue  # keep-alive or bookkeeping message: nothing for the client
+                yield output
+                if finish_reason is not None:
+                    return
+        except grpc.aio.AioRpcError as exc:
+            raise _error_from_status(exc, route, self.request_timeout_s) from None
+        finally:
+            call.cancel()  # a no-op once finished; otherwise the worker aborts and frees the KV blocks
+        raise _WorkerStreamBroken("the stream ended before the request finished", None)
+
+    def _worker_channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._worker_channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._worker_channels[address] = channel
+        return channel
+
+    async def num_healthy_workers(self) -> int:
+        """Workers the router would route this model to; 0 when the router cannot be reached."""
+        try:
+            response = await self._router.ListWorkers(router_pb2.ListWorkersRequest(), timeout=self.route_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("router unreachable", address=self.router_address, code=exc.code().name)
+            return 0
+        return sum(
+            1 for worker in response.workers
+            if worker.healthy and worker.info.role != router_pb2.WORKER_ROLE_PREFILL
+            and (not worker.info.model or worker.info.model == self.model_name)
+        )
+
+
+def _metadata(request: GenerationRequest) -> tuple[tuple[str, str], ...]:
+    return ((REQUEST_ID_HEADER, request.request_id),)
+
+
+def _normalise_message(index: int, message: Any) -> dict[str, Any]:
+    field = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise InvalidRequest(f"{field} must be an object with 'role' and 'content'", field)
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise InvalidRequest(f"{field}.role is required and must be a string", f"{field}.role")
+    content = message.get("content")
+    if isinstance(content, list):
+        # OpenAI content parts: only text can reach a text-only model.
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"{field}.content: only text parts are supported", f"{field}.content")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise InvalidRequest(f"{field}.content is required and must be a string or a list of text parts",
+                             f"{field}.content")
+    return {"role": _ROLE_ALIASES.get(role, role), "content": content}
+
+
+def _error_from_detail(detail: common_pb2.ErrorDetail) -> TandemError:
+    error_class = _ERROR_FROM_DETAIL.get(detail.code, TandemError)
+    return error_class(detail.message or "the worker failed the request", detail.field or None)
+
+
+def _error_from_status(exc: grpc.aio.AioRpcError, route: router_pb2.RouteResponse,
+                       timeout_s: float | None) -> Exception:
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequest(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(details or f"worker {route.worker_id} is at capacity")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Unavailable(f"the request did not finish within {timeout_s} s")
+    if code in _REROUTE_CODES:
+        return _WorkerStreamBroken(f"{code.name}: {details}", code)
+    return TandemError(f"worker {route.worker_id} failed ({code.name}): {details}")
+
+
+__all__ = ["FinishReason", "GenerationRequest", "Pipeline", "RequestOutput"]
