@@ -1,0 +1,255 @@
+"""HFEngine: the built-in engine. A step thread runs the scheduler and model; asyncio streams outputs.
+
+The event loop never blocks on a forward pass: requests and aborts go to the step thread
+through a queue, and each step's new tokens come back in one ``call_soon_threadsafe``.
+Detokenisation and stop strings run on the loop, per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from tandem.engine.hf.block_manager import BlockManager
+from tandem.engine.hf.sequence import Sequence
+from tandem.engine.types import EngineRequest, EngineStats, FinishReason, RequestOutput, StepInfo
+from tandem.errors import InvalidRequest, ResourceExhausted
+from tandem.models import served_model_name
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Update:
+    """New tokens of one request from one step (token ids only; text is made on the loop)."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    num_cached_tokens: int
+    error: str | None = None
+
+
+_SHUTDOWN = object()
+
+
+class HFEngine:
+    """PyTorch + transformers engine with continuous batching and a paged, prefix-caching KV pool."""
+
+    def __init__(self, config: EngineConfig, on_step: Callable[[StepInfo], None] | None = None) -> None:
+        self.config = config
+        self.model_name = served_model_name(config.model_path)
+        self.max_model_len = config.max_model_len or 0
+        self._on_step = on_step
+        self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[_Update]] = {}
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._run, name="tandem-engine-step", daemon=True)
+        self._thread.start()
+        log.info("engine started", model=self.model_name, max_model_len=self.max_model_len,
+                 num_kv_blocks=self.config.num_kv_blocks, block_size=self.config.block_size)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        from tandem.engine.hf.model_runner import ModelRunner
+        from tandem.engine.hf.sampler import Sampler
+        from tandem.engine.hf.scheduler import Scheduler
+
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        cfg = self.config
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+        self.runner = ModelRunner(cfg.model_path, cfg.num_kv_blocks, cfg.block_size, cfg.device, cfg.dtype)
+        model_len = self.runner.max_position_embeddings
+        self.max_model_len = min(cfg.max_model_len or model_len, model_len)
+        eos = self.runner.model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, eos_ids)
+        self.sampler = Sampler()
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._commands.put(_SHUTDOWN)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._error is None
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _validate(self, request: EngineRequest) -> int:
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        vocab = self.runner.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
+        if len(prompt) >= self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt)} tokens but the model's context is {self.max_model_len} "
+                "tokens (including at least one generated token)", "prompt")
+        if self.block_manager.blocks_for(len(prompt) + 1) > self.block_manager.num_blocks:
+            raise InvalidRequest(
+                f"the prompt needs more KV blocks than the pool holds ({self.block_manager.num_blocks})",
+                "prompt")
+        if request.request_id in self._streams:
+            raise InvalidRequest(f"request id {request.request_id!r} is already running", "request_id")
+        if len(self._streams) >= self.config.max_num_seqs + self.config.max_queue_len:
+            raise ResourceExhausted(
+                f"the engine queue is full ({self.config.max_queue_len} waiting); retry later")
+        max_new = request.sampling.max_tokens or self.max_model_len
+        return min(len(prompt) + max_new, self.max_model_len)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        if not self.healthy():
+            raise RuntimeError("the engine is not running")
+        max_total = self._validate(request)
+        rid = request.request_id
+        updates: asyncio.Queue[_Update] = asyncio.Queue()
+        self._streams[rid] = updates
+        seq = Sequence(rid, list(request.prompt_token_ids), len(request.prompt_token_ids),
+                       request.sampling, max_total, arrival_s=time.monotonic())
+        self._commands.put(seq)
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
+        stops = StopStringMatcher(request.sampling.stop)
+        num_prompt = len(request.prompt_token_ids)
+        num_output = 0
+        finished = False
+        try:
+            while not finished:
+                update = await updates.get()
+                token_ids = list(update.token_ids)
+                reason = update.finish_reason
+                while reason is None and not updates.empty():  # coalesce when the reader lags
+                    more = updates.get_nowait()
+                    token_ids.extend(more.token_ids)
+                    reason, update = more.finish_reason, more
+                num_output += len(token_ids)
+                text = detok.add(token_ids)
+                if reason is not None:
+                    text += detok.flush()
+                text, stopped = stops.feed(text)
+                if stopped:
+                    reason = FinishReason.STOP
+                    self._commands.put(("abort", rid))
+                elif reason is not None:
+                    text += stops.flush()
+                finished = reason is not None
+                if token_ids or text or finished:
+                    yield RequestOutput(rid, token_ids, text, reason, num_prompt, num_output,
+                                        update.num_cached_tokens, update.error)
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:  # the consumer went away: free the request's blocks
+                self._commands.put(("abort", rid))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        if not hasattr(self, "scheduler"):
+            return EngineStats(num_kv_blocks_total=self.config.num_kv_blocks, block_size=self.config.block_size)
+        sched, blocks = self.scheduler, self.block_manager
+        return EngineStats(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            num_kv_blocks_used=blocks.num_used_blocks,
+            num_kv_blocks_total=blocks.num_blocks,
+            num_free_queue_slots=max(0, self.config.max_num_seqs + self.config.max_queue_len - len(self._streams)),
+            num_prefix_cache_queries=sched.num_prefix_queries,
+            num_prefix_cache_hits=sched.num_prefix_hits,
+            block_size=blocks.block_size,
+            max_model_len=self.max_model_len,
+        )
+
+    # -- the step thread -----------------------------------------------------------------------
+
+    def _emit(self, updates: dict[str, _Update]) -> None:
+        if updates and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, updates)
+
+    def _deliver(self, updates: dict[str, _Update]) -> None:
+        for rid, update in updates.items():
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.put_nowait(update)
+
+    def _apply(self, command: object, updates: dict[str, _Update]) -> bool:
+        """Apply one queued command; False on shutdown."""
+        if command is _SHUTDOWN:
+            return False
+        if isinstance(command, Sequence):
+            self.scheduler.add(command)
+        elif isinstance(command, tuple) and command[0] == "abort":
+            seq = self.scheduler.abort(command[1])
+            if seq is not None:
+                updates[seq.request_id] = _Update([], FinishReason.ABORT, seq.num_cached_tokens)
+        return True
+
+    def _run(self) -> None:
+        try:
+            while True:
+                updates: dict[str, _Update] = {}
+                block = not self.scheduler.has_work()
+                while True:
+                    try:
+                        command = self._commands.get(block=block)
+                    except queue.Empty:
+                        break
+                    if not self._apply(command, updates):
+                        self._abort_all(FinishReason.ABORT, None)
+                        return
+                    block = False
+                if self.scheduler.has_work():
+                    self._step(updates)
+                self._emit(updates)
+        except BaseException as exc:  # a broken step must not leave clients waiting forever
+            self._error = exc
+            log.exception("engine step failed; failing in-flight requests")
+            self._abort_all(FinishReason.ERROR, f"engine failure: {exc}")
+
+    def _step(self, updates: dict[str, _Update]) -> None:
+        started = time.perf_counter()
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return
+        sampling = [item for item in scheduled if item.samples]
+        logits = self.runner.execute(scheduled)
+        tokens = self.sampler.sample(logits, [i.seq.sampling for i in sampling],
+                                     [i.seq.num_tokens for i in sampling])
+        for seq in self.scheduler.postprocess(scheduled, tokens):
+            updates[seq.request_id] = _Update([seq.token_ids[-1]], seq.finish_reason, seq.num_cached_tokens)
+        if self._on_step is not None:
+            num_tokens = sum(i.num_new_tokens for i in scheduled)
+            prefill = sum(i.num_new_tokens for i in scheduled if i.num_new_tokens > 1)
+            self._on_step(StepInfo(len(scheduled), num_tokens, prefill, time.perf_counter() - started))
+
+    def _abort_all(self, reason: FinishReason, error: str | None) -> None:
+        updates: dict[str, _Update] = {}
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.scheduler.abort(seq.request_id)
+            updates[seq.request_id] = _Update([], reason, seq.num_cached_tokens, error)
+        self._emit(updates)

@@ -1,0 +1,161 @@
+"""Runs one packed forward pass of a transformers causal LM over a paged KV pool.
+
+All scheduled tokens of all requests are packed into one row (``[1, num_tokens]``) with
+their own positions, so prefill chunks and decode tokens share every matmul. Attention is
+swapped for ours through transformers' ``AttentionInterface``: it writes each layer's new
+keys and values into the pool slots of their blocks, then attends every request's queries
+to that request's blocks only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tandem.engine.hf.scheduler import ScheduledSeq
+
+ATTENTION_NAME = "tandem_paged"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class PrefillSlice:
+    """A request computing several tokens this step: queries [start, start+length) of the pack."""
+
+    start: int
+    length: int
+    context_slots: torch.Tensor  # pool slots of every token it attends to, in order
+    mask: torch.Tensor | None  # [length, context] causal mask; None when the context is all new
+
+
+@dataclass(slots=True)
+class StepMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens]: where each new token's K/V goes
+    prefills: list[PrefillSlice]
+    decode_positions: torch.Tensor | None  # [num_decodes]: pack index of each single-token query
+    decode_slots: torch.Tensor | None  # [num_decodes, max_context]
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context], True where attended
+
+
+def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None,
+                    dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention hook: query [1, H, T, D], key/value [1, KVH, T, D] for the new tokens."""
+    runner: ModelRunner = kwargs["tandem_runner"]
+    meta: StepMetadata = kwargs["tandem_step"]
+    layer = module.layer_idx
+    k_pool, v_pool = runner.k_cache[layer], runner.v_cache[layer]  # [slots, KVH, D]
+    k_pool.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))
+    v_pool.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
+
+    out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
+    for part in meta.prefills:
+        q = query[:, :, part.start : part.start + part.length]
+        k = k_pool[part.context_slots].transpose(0, 1).unsqueeze(0)
+        v = v_pool[part.context_slots].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=part.mask, is_causal=part.mask is None,
+                                           scale=scaling, enable_gqa=True)
+        out[part.start : part.start + part.length] = o[0].transpose(0, 1)
+    if meta.decode_positions is not None:
+        assert meta.decode_slots is not None
+        q = query[0][:, meta.decode_positions].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+        k = k_pool[meta.decode_slots].permute(0, 2, 1, 3)  # [B, KVH, ctx, D]
+        v = v_pool[meta.decode_slots].permute(0, 2, 1, 3)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scaling,
+                                           enable_gqa=True)
+        out[meta.decode_positions] = o[:, :, 0]
+    return out.unsqueeze(0), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+
+
+class ModelRunner:
+    """Owns the model weights and the KV pool of one engine. Called only from the step thread."""
+
+    def __init__(self, model_path: Path, num_blocks: int, block_size: int, device: str, dtype: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        _register_attention()
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[dtype]
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=self.dtype, attn_implementation=ATTENTION_NAME
+        ).to(self.device)
+        self.model.eval()
+        config = self.model.config
+        self.config = config
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (self.num_layers, num_blocks * block_size, self.num_kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._slot_offsets = torch.arange(block_size, device=self.device)
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        blocks = torch.tensor(block_table, dtype=torch.long, device=self.device)
+        return (blocks[:, None] * self.block_size + self._slot_offsets).flatten()[start:end]
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+        """One forward pass; returns logits [num_sampling_seqs, vocab] in scheduled order."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_parts: list[torch.Tensor] = []
+        prefills: list[PrefillSlice] = []
+        decode_positions: list[int] = []
+        decode_slots: list[torch.Tensor] = []
+        logit_rows: list[int] = []
+        for item in scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            pack_start = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            context = self._slots(seq.block_table, 0, end)
+            slot_parts.append(context[start:end])
+            if n == 1:
+                decode_positions.append(pack_start)
+                decode_slots.append(context)
+            else:
+                mask = None
+                if start > 0:  # query i sits at position start+i and sees keys 0..start+i
+                    rows = torch.arange(start, end, device=self.device)[:, None]
+                    mask = torch.arange(end, device=self.device)[None, :] <= rows
+                prefills.append(PrefillSlice(pack_start, n, context, mask))
+            if item.samples:
+                logit_rows.append(pack_start + n - 1)
+
+        decode_pos_t = decode_slots_t = decode_mask = None
+        if decode_positions:
+            lengths = torch.tensor([len(s) for s in decode_slots], device=self.device)
+            decode_slots_t = torch.nn.utils.rnn.pad_sequence(decode_slots, batch_first=True)
+            decode_mask = (torch.arange(decode_slots_t.shape[1], device=self.device)[None, :]
+                           < lengths[:, None])[:, None, None, :]
+            decode_pos_t = torch.tensor(decode_positions, dtype=torch.long, device=self.device)
+        meta = StepMetadata(torch.cat(slot_parts), prefills, decode_pos_t, decode_slots_t, decode_mask)
+
+        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+        pos = torch.tensor([positions], dtype=torch.long, device=self.device)
+        keep = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        output = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep,
+                            tandem_runner=self, tandem_step=meta)
+        return output.logits[0].float()
