@@ -1,0 +1,35 @@
+"""``python -m services.router``: parse flags, configure logging, serve until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from services.router.config import RouterConfig, parse_args
+from services.router.server import serve
+from tandem.telemetry.logging import configure_logging
+
+
+async def run(config: RouterConfig) -> None:
+    router = await serve(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await router.stop()
+
+
+def main() -> None:
+    configure_logging("router")
+    config = parse_args()
+    try:
+        asyncio.run(run(config))
+    except OSError as error:  # port in use and the like: one line, not a traceback
+        print(f"router: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

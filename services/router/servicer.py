@@ -1,0 +1,174 @@
+"""The RouterService gRPC handlers: Route, RegisterWorker (the embedded registry's stream), ListWorkers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from services.router.metrics import RouterMetrics
+from services.router.policy import NoWorkerAvailable, RouteContext, RoutingPolicy
+from services.router.registry import EmbeddedRegistry, WorkerInfo, WorkerLoad, WorkerRole
+from tandem.errors import InvalidRequest
+from tandem.grpc_server import bind_request_id, request_id_from_context
+from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
+from tandem.proto.worker.v1 import worker_pb2
+
+log = structlog.get_logger("router")
+
+_ROLES = {router_pb2.WORKER_ROLE_DECODE: WorkerRole.DECODE, router_pb2.WORKER_ROLE_PREFILL: WorkerRole.PREFILL}
+_ROLES_TO_PROTO = {role: number for number, role in _ROLES.items()}
+
+
+def info_from_proto(message: router_pb2.WorkerInfo) -> WorkerInfo:
+    """Validate a registration; raises ``InvalidRequest`` naming the field at fault."""
+    if not message.worker_id:
+        raise InvalidRequest("register.worker_id: must not be empty", "register.worker_id")
+    if message.role not in _ROLES:
+        raise InvalidRequest("register.role: must be WORKER_ROLE_DECODE or WORKER_ROLE_PREFILL", "register.role")
+    host, _, port = message.address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise InvalidRequest(f"register.address: must be host:port, got {message.address!r}", "register.address")
+    if not message.model:
+        raise InvalidRequest("register.model: must name the served model", "register.model")
+    return WorkerInfo(
+        worker_id=message.worker_id, role=_ROLES[message.role], address=message.address,
+        model=message.model, max_model_len=message.max_model_len, block_size=message.block_size,
+    )
+
+
+def load_from_proto(message: worker_pb2.WorkerLoad) -> WorkerLoad:
+    return WorkerLoad(
+        num_running=message.num_running, num_waiting=message.num_waiting,
+        num_kv_blocks_used=message.num_kv_blocks_used, num_kv_blocks_total=message.num_kv_blocks_total,
+        num_free_queue_slots=message.num_free_queue_slots,
+    )
+
+
+def _info_to_proto(info: WorkerInfo) -> router_pb2.WorkerInfo:
+    return router_pb2.WorkerInfo(
+        worker_id=info.worker_id, role=_ROLES_TO_PROTO[info.role], address=info.address,  # type: ignore[arg-type]
+        model=info.model, max_model_len=info.max_model_len, block_size=info.block_size,
+    )
+
+
+def _load_to_proto(load: WorkerLoad) -> worker_pb2.WorkerLoad:
+    return worker_pb2.WorkerLoad(
+        num_running=load.num_running, num_waiting=load.num_waiting,
+        num_kv_blocks_used=load.num_kv_blocks_used, num_kv_blocks_total=load.num_kv_blocks_total,
+        num_free_queue_slots=load.num_free_queue_slots,
+    )
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, registry: EmbeddedRegistry, policy: RoutingPolicy, metrics: RouterMetrics) -> None:
+        self._registry = registry
+        self._policy = policy
+        self._metrics = metrics
+        # Set on shutdown: registration streams never end on their own, so they are ended here
+        # rather than holding the server for its whole grace period.
+        self._closing = asyncio.Event()
+
+    def close_streams(self) -> None:
+        self._closing.set()
+
+    async def Route(  # noqa: N802 (gRPC method name)
+        self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.RouteResponse:
+        started = time.perf_counter()
+        request_id = request.request_id or request_id_from_context(context) or ""
+        if request_id:
+            bind_request_id(request_id)
+        try:
+            route_context = self._route_context(request, request_id)
+            decision = self._policy.select(route_context, self._registry.snapshot())
+        except InvalidRequest as error:
+            self._metrics.observe_decision("invalid", time.perf_counter() - started)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+        except NoWorkerAvailable as error:
+            self._metrics.observe_decision("unavailable", time.perf_counter() - started)
+            log.warning("route failed", model=request.model, reason=error.message)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, error.message)
+        worker = decision.worker
+        self._registry.note_routed(worker.worker_id)
+        self._metrics.observe_decision("routed", time.perf_counter() - started)
+        log.debug("routed", worker_id=worker.worker_id, score=round(decision.score, 3),
+                  num_candidates=decision.num_candidates)
+        return router_pb2.RouteResponse(worker_id=worker.worker_id, address=worker.info.address)
+
+    @staticmethod
+    def _route_context(request: router_pb2.RouteRequest, request_id: str) -> RouteContext:
+        if not request_id:
+            raise InvalidRequest("request_id: must not be empty (or send x-request-id metadata)", "request_id")
+        if not request.token_ids:
+            raise InvalidRequest("token_ids: the prompt must have at least one token", "token_ids")
+        return RouteContext(
+            request_id=request_id, model=request.model, token_ids=request.token_ids,
+            exclude_worker_ids=frozenset(request.exclude_worker_ids),
+        )
+
+    async def RegisterWorker(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[router_pb2.RegisterWorkerRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[router_pb2.RegisterWorkerResponse]:
+        worker_id = ""
+        registration_id = 0
+        messages = aiter(request_iterator)
+        closing = asyncio.ensure_future(self._closing.wait())
+        next_message: asyncio.Future[router_pb2.RegisterWorkerRequest | None] | None = None
+        try:
+            while True:
+                next_message = asyncio.ensure_future(anext(messages, None))
+                await asyncio.wait({next_message, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_message.done():
+                    return  # router shutting down: end the stream; the worker reconnects elsewhere
+                message = next_message.result()
+                if message is None:
+                    return  # the worker closed its side
+                kind = message.WhichOneof("message")
+                if kind == "register":
+                    try:
+                        info = info_from_proto(message.register)
+                    except InvalidRequest as error:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+                    if worker_id and info.worker_id != worker_id:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            "register.worker_id: cannot change on an open stream")
+                    replaced = info.worker_id in self._registry
+                    first = not worker_id
+                    worker_id, registration_id = info.worker_id, self._registry.register(info)
+                    self._metrics.registered_workers.set(len(self._registry))
+                    log.info("worker registered", worker_id=worker_id, address=info.address,
+                             model=info.model, role=info.role.value, replaced=replaced)
+                    if first:
+                        yield router_pb2.RegisterWorkerResponse(registered=True)
+                elif kind == "load":
+                    if not worker_id:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            "register: the first message must be a registration")
+                    self._registry.report_load(worker_id, registration_id, load_from_proto(message.load))
+                else:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "message: must be register or load")
+        finally:
+            closing.cancel()
+            if next_message is not None:
+                next_message.cancel()  # a no-op once it is done
+            if worker_id and self._registry.remove(worker_id, registration_id):
+                self._metrics.registered_workers.set(len(self._registry))
+                log.info("worker removed", worker_id=worker_id)
+
+    async def ListWorkers(  # noqa: N802
+        self, request: router_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ListWorkersResponse:
+        return router_pb2.ListWorkersResponse(
+            workers=[
+                router_pb2.WorkerStatus(
+                    info=_info_to_proto(worker.info), load=_load_to_proto(worker.load), healthy=worker.healthy
+                )
+                for worker in sorted(self._registry.snapshot(), key=lambda worker: worker.worker_id)
+            ]
+        )
