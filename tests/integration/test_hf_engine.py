@@ -1,0 +1,171 @@
+"""The hf engine in-process with the real model: exactness, batching, prefix reuse, limits, no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import torch
+
+from tandem.engine.config import EngineConfig
+from tandem.engine.hf.engine import HFEngine
+from tandem.engine.types import EngineRequest, FinishReason, RequestOutput, SamplingParams, StepInfo
+from tandem.errors import InvalidRequest, ResourceExhausted
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
+           "Water boils at", "The three primary colors are"]
+
+
+@pytest.fixture(scope="module")
+def steps() -> list[StepInfo]:
+    return []
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(model_path: Path, steps: list[StepInfo]) -> AsyncIterator[HFEngine]:
+    eng = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=256, max_queue_len=4,
+                                max_num_seqs=8), on_step=steps.append)
+    await eng.start()
+    yield eng
+    await eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(model_path: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+
+
+async def collect(engine: HFEngine, rid: str, ids: list[int], **sampling: object) -> tuple[list[RequestOutput], float]:
+    started = time.perf_counter()
+    first = 0.0
+    outs = []
+    async for out in engine.generate(EngineRequest(rid, ids, SamplingParams(**sampling))):  # type: ignore[arg-type]
+        if not outs:
+            first = time.perf_counter() - started
+        outs.append(out)
+    return outs, first
+
+
+def tokens_of(outs: list[RequestOutput]) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
+def assert_idle(engine: HFEngine) -> None:
+    stats = engine.stats()
+    assert (stats.num_running, stats.num_waiting, stats.num_kv_blocks_used) == (0, 0, 0)
+
+
+async def test_concurrent_greedy_matches_transformers_generate(engine, reference, steps) -> None:  # type: ignore[no-untyped-def]
+    tok = engine.tokenizer
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    steps.clear()
+    results = await asyncio.gather(*(collect(engine, f"g{i}", p, max_tokens=20, temperature=0)
+                                     for i, p in enumerate(ids)))
+    for prompt, (outs, _) in zip(ids, results, strict=True):
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0]
+        assert tokens_of(outs) == expected[len(prompt):].tolist()
+        assert "".join(o.text for o in outs) == tok.decode(tokens_of(outs), skip_special_tokens=True)
+        assert outs[-1].finish_reason is FinishReason.LENGTH and outs[-1].num_output_tokens == 20
+    assert max(s.num_seqs for s in steps) >= 4  # the requests shared forward passes
+    assert_idle(engine)
+
+
+async def test_long_prompt_greedy_matches_and_prefix_is_reused(engine, reference) -> None:  # type: ignore[no-untyped-def]
+    tok = engine.tokenizer
+    system = tok(" ".join(f"Rule {i}: be kind to number {i * 7}." for i in range(120)))["input_ids"]
+    assert len(system) > 1000
+    first_prompt = system + tok(" Question one?")["input_ids"]
+    outs1, ttft1 = await collect(engine, "long1", first_prompt, max_tokens=4, temperature=0)
+    expected = reference.generate(torch.tensor([first_prompt]), max_new_tokens=4, do_sample=False)[0]
+    assert tokens_of(outs1) == expected[len(first_prompt):].tolist()
+    outs2, ttft2 = await collect(engine, "long2", system + tok(" Another question?")["input_ids"],
+                                 max_tokens=4, temperature=0)
+    assert outs2[-1].num_cached_tokens >= len(system) - engine.config.block_size
+    assert ttft2 * 3 < ttft1, (ttft1, ttft2)
+    stats = engine.stats()
+    assert stats.num_prefix_cache_hits >= outs2[-1].num_cached_tokens
+    assert_idle(engine)
+
+
+async def test_seeded_sampling_repeats_and_differs_by_seed(engine) -> None:  # type: ignore[no-untyped-def]
+    ids = engine.tokenizer("Once upon a time, in a land far away,")["input_ids"]
+    params = {"max_tokens": 16, "temperature": 1.0, "top_p": 0.95, "top_k": 50, "ignore_eos": True}
+    a, _ = await collect(engine, "s1", ids, seed=7, **params)
+    b, _ = await collect(engine, "s2", ids, seed=7, **params)
+    c, _ = await collect(engine, "s3", ids, seed=8, **params)
+    assert tokens_of(a) == tokens_of(b)
+    assert tokens_of(a) != tokens_of(c)
+
+
+async def test_stop_string_and_stop_token(engine) -> None:  # type: ignore[no-untyped-def]
+    ids = engine.tokenizer("1, 2, 3, 4,")["input_ids"]
+    outs, _ = await collect(engine, "stop", ids, max_tokens=30, temperature=0, stop=[" 7"])
+    text = "".join(o.text for o in outs)
+    assert outs[-1].finish_reason is FinishReason.STOP
+    assert " 7" not in text and text.startswith(" 5, 6,")
+    comma = engine.tokenizer(",", add_special_tokens=False)["input_ids"][0]
+    outs, _ = await collect(engine, "stop-id", ids, max_tokens=30, temperature=0, stop_token_ids=[comma])
+    assert outs[-1].finish_reason is FinishReason.STOP and tokens_of(outs)[-1] == comma
+    await asyncio.sleep(0.2)  # the engine side of a stop-string abort is asynchronous
+    assert_idle(engine)
+
+
+async def test_closing_the_stream_aborts_and_frees_blocks(engine) -> None:  # type: ignore[no-untyped-def]
+    ids = engine.tokenizer("Tell me a very long story about dragons.")["input_ids"]
+    stream = engine.generate(EngineRequest("gone", ids, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)))
+    await stream.__anext__()
+    assert engine.stats().num_kv_blocks_used > 0
+    await stream.aclose()
+    for _ in range(50):
+        if engine.stats().num_kv_blocks_used == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert_idle(engine)
+
+
+async def test_bad_requests_fail_before_the_first_token(engine) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidRequest) as info:
+        await collect(engine, "too-long", [1] * engine.max_model_len)
+    assert str(engine.max_model_len) in info.value.message and info.value.field == "prompt"
+    with pytest.raises(InvalidRequest, match="vocabulary"):
+        await collect(engine, "bad-token", [10**7])
+    with pytest.raises(InvalidRequest, match="empty"):
+        await collect(engine, "empty", [])
+    assert_idle(engine)
+
+
+async def test_full_queue_is_refused_and_the_rest_complete(engine) -> None:  # type: ignore[no-untyped-def]
+    ids = engine.tokenizer("Count:")["input_ids"]
+    capacity = engine.config.max_num_seqs + engine.config.max_queue_len
+    streams = [engine.generate(EngineRequest(f"q{i}", ids, SamplingParams(max_tokens=3, temperature=0)))
+               for i in range(capacity)]
+    firsts = await asyncio.gather(*(s.__anext__() for s in streams))
+    with pytest.raises(ResourceExhausted):
+        await collect(engine, "one-too-many", ids, max_tokens=3)
+    for first, stream in zip(firsts, streams, strict=True):
+        outs = [first] + [o async for o in stream]
+        assert outs[-1].finish_reason is FinishReason.LENGTH
+    assert_idle(engine)
+
+
+async def test_small_pool_makes_requests_wait_not_fail(model_path: Path) -> None:
+    eng = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=12, max_num_seqs=8))
+    await eng.start()
+    try:
+        ids = eng.tokenizer("A list of fruits: apple, banana, cherry, date, elderberry, fig,")["input_ids"]
+        results = await asyncio.gather(*(collect(eng, f"p{i}", ids, max_tokens=24, temperature=0, ignore_eos=True)
+                                         for i in range(6)))
+        texts = {"".join(o.text for o in outs) for outs, _ in results}
+        assert len(texts) == 1  # the same greedy output whatever waited or was preempted
+        assert all(outs[-1].num_output_tokens == 24 for outs, _ in results)
+        assert_idle(eng)
+    finally:
+        await eng.shutdown()
