@@ -14,6 +14,7 @@ import grpc
 import structlog
 from prometheus_client import CollectorRegistry
 
+from services.frontend.messages import normalise_messages
 from services.frontend.metrics import STATUS_CANCELLED, STATUS_SUCCESS, FrontendMetrics
 from services.frontend.wire import finish_reason_from_proto, sampling_to_proto
 from tandem.engine.types import FinishReason, RequestOutput, SamplingParams
@@ -26,7 +27,6 @@ from tandem.telemetry.logging import REQUEST_ID_HEADER
 
 log = structlog.get_logger(__name__)
 
-_ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name; chat templates know "system"
 # Worker failures worth another worker, as long as the client has seen no token yet.
 _REROUTE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 _ERROR_FROM_DETAIL: dict[int, type[TandemError]] = {
@@ -113,9 +113,7 @@ class Pipeline:
         return list(self.tokenizer.encode(text))
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("messages must be a non-empty list", "messages")
-        normalised = [_normalise_message(i, message) for i, message in enumerate(messages)]
+        normalised = normalise_messages(messages)
         try:
             token_ids = self.tokenizer.apply_chat_template(
                 normalised, add_generation_prompt=True, tokenize=True, return_dict=False
@@ -267,28 +265,6 @@ class Pipeline:
 
 def _metadata(request: GenerationRequest) -> tuple[tuple[str, str], ...]:
     return ((REQUEST_ID_HEADER, request.request_id),)
-
-
-def _normalise_message(index: int, message: Any) -> dict[str, Any]:
-    field = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise InvalidRequest(f"{field} must be an object with 'role' and 'content'", field)
-    role = message.get("role")
-    if not isinstance(role, str) or not role:
-        raise InvalidRequest(f"{field}.role is required and must be a string", f"{field}.role")
-    content = message.get("content")
-    if isinstance(content, list):
-        # OpenAI content parts: only text can reach a text-only model.
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InvalidRequest(f"{field}.content: only text parts are supported", f"{field}.content")
-            texts.append(part["text"])
-        content = "".join(texts)
-    if not isinstance(content, str):
-        raise InvalidRequest(f"{field}.content is required and must be a string or a list of text parts",
-                             f"{field}.content")
-    return {"role": _ROLE_ALIASES.get(role, role), "content": content}
 
 
 def _error_from_detail(detail: common_pb2.ErrorDetail) -> TandemError:
