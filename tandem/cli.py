@@ -1,0 +1,183 @@
+"""The `tandem` command: `tandem up` runs a whole local mesh; `tandem <role>` runs one service."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+from tandem import procs
+
+ROLES = ("frontend", "router", "decode")
+
+
+@dataclass
+class Mesh:
+    """The child processes of one `tandem up`, in start order."""
+
+    router: subprocess.Popen[bytes] | None = None
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    frontend: subprocess.Popen[bytes] | None = None
+
+    def all(self) -> list[subprocess.Popen[bytes]]:
+        return [p for p in [self.router, *self.workers, self.frontend] if p is not None]
+
+    def stop(self) -> None:
+        # Frontend first so no new request arrives, router last so workers can deregister.
+        procs.stop_all([p for p in [self.frontend, *self.workers, self.router] if p is not None])
+
+
+def _up_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="tandem up", description="Run router, workers and frontend locally.")
+    parser.add_argument("--decode-workers", type=int, default=int(env("TANDEM_DECODE_WORKERS", "1")))
+    parser.add_argument("--engine", default=env("TANDEM_ENGINE", "hf"), choices=["hf"])
+    parser.add_argument("--model", default=env("TANDEM_MODEL", ""),
+                        help="local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--host", default=env("TANDEM_HOST", "127.0.0.1"), help="interface the frontend binds")
+    parser.add_argument("--port", type=int, default=int(env("TANDEM_PORT", "8000")), help="frontend HTTP port")
+    parser.add_argument("--grpc-port", type=int, default=int(env("TANDEM_GRPC_PORT", "8001")),
+                        help="frontend gRPC port (native API, KServe v2)")
+    parser.add_argument("--router-port", type=int, default=int(env("TANDEM_ROUTER_PORT", "9100")),
+                        help="router gRPC port; 0 picks a free one")
+    parser.add_argument("--worker-base-port", type=int, default=int(env("TANDEM_WORKER_BASE_PORT", "9200")),
+                        help="worker i serves gRPC on BASE+2i and metrics on BASE+2i+1; 0 picks free ports")
+    parser.add_argument("--policy", default=env("TANDEM_ROUTER_POLICY", "least-loaded"))
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch threads per worker (default: cores / workers)")
+    parser.add_argument("--startup-timeout-s", type=float, default=float(env("TANDEM_STARTUP_TIMEOUT_S", "600")))
+    return parser
+
+
+def _port(requested: int) -> int:
+    return requested if requested else procs.free_port()
+
+
+def _wait_ready(mesh: Mesh, checks: list[tuple[str, object]], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(checks)
+    while pending:
+        for proc in mesh.all():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{' '.join(map(str, proc.args[2:4]))} exited with code {proc.returncode} "
+                                   "during start-up")
+        pending = [(name, check) for name, check in pending if not check()]  # type: ignore[operator]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not SERVING after {timeout_s:.0f} s: {', '.join(n for n, _ in pending)}")
+        time.sleep(0.25)
+
+
+def up(argv: list[str]) -> int:
+    args = _up_parser().parse_args(argv)
+    if args.decode_workers < 1:
+        raise SystemExit("tandem up: --decode-workers must be at least 1")
+    from tandem.models import resolve_model
+
+    model_path = resolve_model(args.model or None)  # convert once here, not in every child
+    threads = args.num_threads or max(1, (os.cpu_count() or 1) // args.decode_workers)
+    router_port = _port(args.router_port)
+    router_address = f"127.0.0.1:{router_port}"
+    mesh = Mesh()
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        mesh.router = procs.spawn("router", ["--host", "127.0.0.1", "--port", str(router_port),
+                                             "--metrics-port", str(_port(0)), "--policy", args.policy])
+        worker_ports = []
+        for i in range(args.decode_workers):
+            base = args.worker_base_port
+            port = base + 2 * i if base else procs.free_port()
+            metrics_port = base + 2 * i + 1 if base else procs.free_port()
+            worker_ports.append(port)
+            worker_args = ["--model", str(model_path), "--engine", args.engine, "--host", "127.0.0.1",
+                           "--port", str(port), "--metrics-port", str(metrics_port),
+                           "--router-address", router_address, "--num-threads", str(threads),
+                           "--worker-id", f"decode-{i}"]
+            if args.num_kv_blocks:
+                worker_args += ["--num-kv-blocks", str(args.num_kv_blocks)]
+            if args.max_num_seqs:
+                worker_args += ["--max-num-seqs", str(args.max_num_seqs)]
+            mesh.workers.append(procs.spawn("decode", worker_args))
+        mesh.frontend = procs.spawn("frontend", [
+            "--model", str(model_path), "--host", args.host, "--http-port", str(args.port),
+            "--grpc-port", str(args.grpc_port), "--router-address", router_address])
+        http = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
+        checks: list[tuple[str, object]] = [("router", lambda: procs.grpc_serving(router_address))]
+        checks += [(f"decode-{i}", lambda p=p: procs.grpc_serving(f"127.0.0.1:{p}"))
+                   for i, p in enumerate(worker_ports)]
+        checks.append(("frontend", lambda: procs.http_ok(f"{http}/health")))
+        _wait_ready(mesh, checks, args.startup_timeout_s)
+        _print_banner(http, args.grpc_port, router_address, worker_ports, model_path)
+        while not stopping:
+            for proc in [mesh.router, mesh.frontend]:
+                if proc is not None and proc.poll() is not None:
+                    print(f"tandem: {proc.args[2]} exited with code {proc.returncode}; stopping", file=sys.stderr)
+                    return 1
+            for proc in mesh.workers:
+                if proc.returncode is None and proc.poll() is not None:
+                    print(f"tandem: worker pid {proc.pid} exited with code {proc.returncode}", file=sys.stderr)
+            time.sleep(0.2)
+        print("tandem: stopping...", file=sys.stderr, flush=True)
+        return 0
+    except RuntimeError as exc:
+        print(f"tandem up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        mesh.stop()
+
+
+def _print_banner(http: str, grpc_port: int, router: str, worker_ports: list[int], model_path: object) -> None:
+    from tandem.models import served_model_name
+
+    name = served_model_name(model_path)  # type: ignore[arg-type]
+    print(f"""
+Tandem is up: serving {name}
+  OpenAI API    {http}/v1        (/health, /metrics)
+  gRPC          127.0.0.1:{grpc_port}     (tandem.api.v1.GenerationService, KServe v2)
+  router        {router}
+  workers       {', '.join(f'127.0.0.1:{p}' for p in worker_ports)}
+
+Try:
+  curl {http}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
+
+Ctrl-C stops everything.
+""", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: tandem {up|frontend|router|decode} [options]   (tandem COMMAND --help)"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "up":
+        return up(rest)
+    if command in ROLES:
+        sys.argv = [f"tandem {command}", *rest]
+        runpy.run_module(f"services.{command}", run_name="__main__", alter_sys=True)
+        return 0
+    print(f"tandem: unknown command {command!r}\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
