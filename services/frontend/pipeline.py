@@ -3,6 +3,7 @@ route via the router and stream the tokens straight from the chosen decode worke
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -87,16 +88,12 @@ class Pipeline:
         self._worker_channels: dict[str, grpc.aio.Channel] = {}
 
     @classmethod
-    def from_model_dir(cls, model_path: Path, *, model_name: str, max_model_len: int | None = None,
-                       **kwargs: Any) -> Pipeline:
-        """Load the tokenizer (blocking, ~1 s: call it off the event loop)."""
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        if max_model_len is None:
-            config = json.loads((model_path / "config.json").read_text())
-            max_model_len = int(config.get("max_position_embeddings") or 2048)
-        return cls(model_name=model_name, max_model_len=max_model_len, tokenizer=tokenizer, **kwargs)
+    async def from_model_dir(cls, model_path: Path, *, model_name: str, max_model_len: int | None = None,
+                             **kwargs: Any) -> Pipeline:
+        """Load the tokenizer off the event loop (~1 s), then build the pipeline on it."""
+        tokenizer, model_max_len = await asyncio.to_thread(_load_tokenizer, model_path)
+        return cls(model_name=model_name, max_model_len=max_model_len or model_max_len, tokenizer=tokenizer,
+                   **kwargs)
 
     async def close(self) -> None:
         for channel in [self._router_channel, *self._worker_channels.values()]:
@@ -261,6 +258,14 @@ class Pipeline:
             if worker.healthy and worker.info.role != router_pb2.WORKER_ROLE_PREFILL
             and (not worker.info.model or worker.info.model == self.model_name)
         )
+
+
+def _load_tokenizer(model_path: Path) -> tuple[Any, int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    config = json.loads((model_path / "config.json").read_text())
+    return tokenizer, int(config.get("max_position_embeddings") or 2048)
 
 
 def _metadata(request: GenerationRequest) -> tuple[tuple[str, str], ...]:

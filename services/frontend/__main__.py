@@ -1,0 +1,68 @@
+"""``python -m services.frontend``: run the frontend until SIGTERM/SIGINT, then drain and stop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+import structlog
+
+from services.frontend.server import FrontendConfig, serve
+from tandem.telemetry.logging import configure_logging
+
+
+def parse_args(argv: list[str] | None = None) -> FrontendConfig:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="python -m services.frontend", description=__doc__)
+    parser.add_argument("--model", default=env("TANDEM_MODEL", ""),
+                        help="local Hugging Face model directory; empty = the default model [$TANDEM_MODEL]")
+    parser.add_argument("--served-model-name", default=env("TANDEM_SERVED_MODEL_NAME") or None,
+                        help="the model name clients send [$TANDEM_SERVED_MODEL_NAME]")
+    parser.add_argument("--host", default=env("TANDEM_FRONTEND_HOST", "0.0.0.0"))
+    parser.add_argument("--http-port", type=int, default=int(env("TANDEM_FRONTEND_HTTP_PORT", "8000")))
+    parser.add_argument("--grpc-port", type=int, default=int(env("TANDEM_FRONTEND_GRPC_PORT", "8001")))
+    parser.add_argument("--router-address", default=env("TANDEM_ROUTER_ADDRESS", "127.0.0.1:9100"),
+                        help="host:port of the router [$TANDEM_ROUTER_ADDRESS]")
+    parser.add_argument("--request-timeout-s", type=float,
+                        default=float(env("TANDEM_REQUEST_TIMEOUT_S", "600")),
+                        help="deadline for one request; 0 = none [$TANDEM_REQUEST_TIMEOUT_S]")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context length; default: the model's max_position_embeddings")
+    parser.add_argument("--shutdown-grace-s", type=float, default=10.0,
+                        help="how long in-flight requests may finish on SIGTERM")
+    args = parser.parse_args(argv)
+    return FrontendConfig(
+        model=args.model, served_model_name=args.served_model_name, host=args.host,
+        http_port=args.http_port, grpc_port=args.grpc_port, router_address=args.router_address,
+        request_timeout_s=args.request_timeout_s or None, max_model_len=args.max_model_len,
+        shutdown_grace_s=args.shutdown_grace_s,
+    )
+
+
+async def run(config: FrontendConfig) -> None:
+    frontend = await serve(config)
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    await stop_requested.wait()
+    structlog.get_logger(__name__).info("signal received; draining")
+    await frontend.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging("frontend")
+    try:
+        config = parse_args(argv)
+    except ValueError as exc:  # a setting FrontendConfig rejected, named in the message
+        print(f"frontend: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(run(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

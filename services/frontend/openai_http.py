@@ -1,0 +1,250 @@
+"""The OpenAI-compatible HTTP API (chat/completions, completions, models) plus /health, /live, /metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.frontend import openai_responses as responses
+from services.frontend import sse
+from services.frontend.openai_protocol import parse_chat_request, parse_completion_request
+from services.frontend.pipeline import GenerationRequest, Pipeline
+from tandem.engine.types import RequestOutput
+from tandem.errors import InvalidRequest, TandemError
+from tandem.telemetry.logging import REQUEST_ID_HEADER
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a full-context token-id prompt as JSON is well below this
+
+
+def request_id_for(header_value: str | None) -> str:
+    """The client's x-request-id when it is safe to forward as gRPC metadata, else a fresh one."""
+    if header_value and len(header_value) <= 128 and all(33 <= ord(c) <= 126 for c in header_value):
+        return header_value
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def json_error(error: responses.ErrorResponse) -> web.Response:
+    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
+    return web.json_response(error.body, status=error.status, headers=headers)
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind the request id for logs and echo it; turn every failure into an OpenAI error body."""
+    request_id = request_id_for(request.headers.get(REQUEST_ID_HEADER))
+    request["request_id"] = request_id
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        try:
+            response = await handler(request)
+        except TandemError as exc:
+            response = json_error(responses.error_response(exc))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = json_error(responses.ErrorResponse(exc.status, responses.error_body(
+                exc.reason, "invalid_request_error" if exc.status < 500 else "server_error", None, None)))
+        except Exception:
+            log.exception("request failed", path=request.path)
+            response = json_error(responses.ErrorResponse(500, responses.error_body(
+                "internal server error; the request id is in the x-request-id header",
+                "server_error", None, "internal_error")))
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+class OpenAIHttpApi:
+    """aiohttp handlers on top of the shared pipeline."""
+
+    def __init__(self, pipeline: Pipeline, *, is_draining: Callable[[], bool] = lambda: False,
+                 retry_after_s: int = 1) -> None:
+        self.pipeline = pipeline
+        self.is_draining = is_draining
+        self.retry_after_s = retry_after_s
+        self.created = int(time.time())
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/live", self.live)
+        app.router.add_get("/metrics", self.metrics)
+
+    # -- generation endpoints ----------------------------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        endpoint, stream = "chat_completions", False
+        try:
+            body = await _read_json(request)
+            stream = isinstance(body, dict) and body.get("stream") is True
+            parsed = parse_chat_request(body)
+            self.pipeline.check_model(parsed.model)
+            prompt_ids = self.pipeline.apply_chat_template(parsed.messages)
+            self.pipeline.validate_prompt(prompt_ids, parsed.sampling, "messages")
+        except TandemError as exc:
+            self._count_rejected(endpoint, stream, exc)
+            raise
+        generation = GenerationRequest(request["request_id"], prompt_ids, parsed.sampling, endpoint, parsed.stream)
+        header = self._header("chatcmpl-", request["request_id"])
+        if not parsed.stream:
+            text, last = await self._collect(generation)
+            return self._json(request, responses.chat_completion(header, text, last.finish_reason, _usage(last)))
+
+        def chunks(output: RequestOutput, first: bool) -> list[dict[str, Any]]:
+            out = []
+            if first:  # the role travels alone in the first chunk, as OpenAI sends it
+                out.append(responses.chat_chunk(header, role="assistant", content="",
+                                                include_usage=parsed.include_usage))
+            if output.text or output.finished:
+                out.append(responses.chat_chunk(header, content=output.text or None,
+                                                finish_reason=output.finish_reason,
+                                                include_usage=parsed.include_usage))
+            return out
+
+        return await self._stream(request, generation, chunks, "chat.completion.chunk", header,
+                                  parsed.include_usage)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        endpoint, stream = "completions", False
+        try:
+            body = await _read_json(request)
+            stream = isinstance(body, dict) and body.get("stream") is True
+            parsed = parse_completion_request(body)
+            self.pipeline.check_model(parsed.model)
+            prompt = parsed.prompt
+            prompt_ids = self.pipeline.tokenize(prompt) if isinstance(prompt, str) else prompt
+            self.pipeline.validate_prompt(prompt_ids, parsed.sampling, "prompt")
+        except TandemError as exc:
+            self._count_rejected(endpoint, stream, exc)
+            raise
+        generation = GenerationRequest(request["request_id"], prompt_ids, parsed.sampling, endpoint, parsed.stream)
+        header = self._header("cmpl-", request["request_id"])
+        if not parsed.stream:
+            text, last = await self._collect(generation)
+            return self._json(request, responses.completion(header, text, last.finish_reason, _usage(last)))
+
+        def chunks(output: RequestOutput, first: bool) -> list[dict[str, Any]]:
+            if not output.text and not output.finished:
+                return []
+            return [responses.completion_chunk(header, output.text, output.finish_reason, parsed.include_usage)]
+
+        return await self._stream(request, generation, chunks, "text_completion", header, parsed.include_usage)
+
+    async def _collect(self, generation: GenerationRequest) -> tuple[str, RequestOutput]:
+        texts: list[str] = []
+        last: RequestOutput | None = None
+        async with aclosing(self.pipeline.generate(generation)) as outputs:
+            async for output in outputs:
+                texts.append(output.text)
+                last = output
+        if last is None or not last.finished:
+            raise TandemError("the worker stream ended without a result")
+        return "".join(texts), last
+
+    async def _stream(
+        self, request: web.Request, generation: GenerationRequest,
+        chunks: Callable[[RequestOutput, bool], list[dict[str, Any]]],
+        object_name: str, header: responses.ResponseHeader, include_usage: bool,
+    ) -> web.StreamResponse:
+        async with aclosing(self.pipeline.generate(generation)) as outputs:
+            # Wait for the first output before sending headers, so that "no worker" or "queue
+            # full" still reach the client as a proper 503 instead of an event in a 200 stream.
+            try:
+                output = await anext(outputs)
+            except StopAsyncIteration:
+                raise TandemError("the worker stream ended without a result") from None
+            response = web.StreamResponse(headers={
+                "Content-Type": sse.CONTENT_TYPE, "Cache-Control": "no-cache",
+                REQUEST_ID_HEADER: request["request_id"],
+            })
+            await response.prepare(request)
+            first = True
+            try:
+                while True:
+                    for chunk in chunks(output, first):
+                        await response.write(sse.encode_event(chunk))
+                    first = False
+                    if output.finished:
+                        break
+                    output = await anext(outputs)
+                if include_usage:
+                    await response.write(sse.encode_event(responses.usage_chunk(header, object_name, _usage(output))))
+            except TandemError as exc:
+                # Headers are gone: report the failure in-band, as OpenAI-compatible servers do.
+                log.warning("stream failed", error=exc.message, code=exc.code)
+                await response.write(sse.encode_event(responses.error_response(exc).body))
+            except ConnectionResetError:
+                # The client went away; leaving the aclosing block cancels the worker call.
+                log.info("client disconnected mid-stream")
+                return response
+            await response.write(sse.DONE)
+            await response.write_eof()
+            return response
+
+    # -- everything else ---------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        return self._json(request, responses.model_list(self.pipeline.model_name, self.created,
+                                                        self.pipeline.max_model_len))
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.is_draining():
+            return web.json_response({"status": "draining"}, status=503)
+        num_healthy = await self.pipeline.num_healthy_workers()
+        body = {"status": "healthy" if num_healthy else "unhealthy", "num_healthy_workers": num_healthy}
+        return web.json_response(body, status=200 if num_healthy else 503)
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "live"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.pipeline.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def _header(self, prefix: str, request_id: str) -> responses.ResponseHeader:
+        response_id = prefix + request_id.removeprefix("cmpl-")  # no "chatcmpl-cmpl-..."
+        return responses.ResponseHeader(response_id, int(time.time()), self.pipeline.model_name)
+
+    @staticmethod
+    def _json(request: web.Request, body: dict[str, Any]) -> web.Response:
+        return web.json_response(body, dumps=_dumps)
+
+    def _count_rejected(self, endpoint: str, stream: bool, exc: TandemError) -> None:
+        self.pipeline.metrics.count_request(self.pipeline.model_name, endpoint,
+                                            "stream" if stream else "unary", exc.code)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _usage(output: RequestOutput) -> responses.Usage:
+    return responses.Usage(output.num_prompt_tokens, output.num_output_tokens, output.num_cached_tokens)
+
+
+async def _read_json(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def create_app(api: OpenAIHttpApi) -> web.Application:
+    app = web.Application(middlewares=[request_context], client_max_size=MAX_BODY_BYTES)
+    api.add_routes(app)
+    return app
+
+
+__all__ = ["OpenAIHttpApi", "create_app", "request_context", "request_id_for"]

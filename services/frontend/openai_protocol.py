@@ -1,0 +1,179 @@
+"""Parse and validate OpenAI chat/completions request bodies into domain types; pure, no I/O."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from services.frontend.messages import normalise_messages
+from tandem.engine.types import SamplingParams
+from tandem.errors import InvalidRequest
+
+MAX_TEMPERATURE = 2.0  # OpenAI's upper bound
+
+
+@dataclass(slots=True)
+class ChatCompletionRequest:
+    model: str | None
+    messages: list[dict[str, str]]
+    sampling: SamplingParams
+    stream: bool
+    include_usage: bool
+    user: str | None
+
+
+@dataclass(slots=True)
+class CompletionRequest:
+    model: str | None
+    prompt: str | list[int]
+    sampling: SamplingParams
+    stream: bool
+    include_usage: bool
+    user: str | None
+
+
+def parse_chat_request(body: Any) -> ChatCompletionRequest:
+    body = _require_object(body)
+    if "messages" not in body:
+        raise InvalidRequest("messages is required", "messages")
+    stream, include_usage = _parse_stream(body)
+    return ChatCompletionRequest(
+        model=_optional(body, "model", str),
+        messages=normalise_messages(body["messages"]),
+        sampling=parse_sampling(body),
+        stream=stream,
+        include_usage=include_usage,
+        user=_optional(body, "user", str),
+    )
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    body = _require_object(body)
+    stream, include_usage = _parse_stream(body)
+    return CompletionRequest(
+        model=_optional(body, "model", str),
+        prompt=_parse_prompt(body.get("prompt")),
+        sampling=parse_sampling(body),
+        stream=stream,
+        include_usage=include_usage,
+        user=_optional(body, "user", str),
+    )
+
+
+def parse_sampling(body: dict[str, Any]) -> SamplingParams:
+    """The sampling fields both endpoints share. OpenAI defaults: temperature 1, no max_tokens."""
+    for name in ("n", "best_of"):
+        value = _optional(body, name, int)
+        if value is not None and value != 1:
+            raise InvalidRequest(f"{name} must be 1: only one choice per request is supported, got {value}", name)
+    # max_completion_tokens is the newer name; it wins when both are sent.
+    max_tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _optional(body, max_tokens_field, int)
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidRequest(f"{max_tokens_field} must be at least 1, got {max_tokens}", max_tokens_field)
+    temperature = _optional_number(body, "temperature")
+    if temperature is not None and not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidRequest(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature:g}", "temperature")
+    top_p = _optional_number(body, "top_p")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise InvalidRequest(f"top_p must be in (0, 1], got {top_p:g}", "top_p")
+    top_k = _optional(body, "top_k", int)
+    if top_k is not None and top_k < -1:
+        raise InvalidRequest(f"top_k must be -1 or 0 (disabled) or positive, got {top_k}", "top_k")
+    for name in ("presence_penalty", "frequency_penalty"):  # accepted, not applied
+        value = _optional_number(body, name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise InvalidRequest(f"{name} must be in [-2, 2], got {value:g}", name)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=max(top_k or 0, 0),  # vLLM spells "disabled" -1
+        seed=_optional(body, "seed", int),
+        stop=_parse_stop(body.get("stop")),
+        stop_token_ids=_parse_token_ids(body.get("stop_token_ids"), "stop_token_ids", allow_empty=True),
+        ignore_eos=bool(_optional(body, "ignore_eos", bool)),
+    )
+
+
+def _parse_stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = bool(_optional(body, "stream", bool))
+    options = _optional(body, "stream_options", dict)
+    include_usage = False
+    if options is not None:
+        include_usage = bool(_optional(options, "include_usage", bool, field="stream_options.include_usage"))
+    return stream, include_usage and stream
+
+
+def _parse_prompt(prompt: Any) -> str | list[int]:
+    """A string, a list of one string, or a list of token ids (one prompt per request)."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(item, str) for item in prompt):
+            if len(prompt) != 1:
+                raise InvalidRequest(f"prompt must hold one string, got {len(prompt)} (batches are not supported)",
+                                     "prompt")
+            return str(prompt[0])
+        if isinstance(prompt[0], list):
+            if len(prompt) != 1:
+                raise InvalidRequest("prompt must hold one token id list (batches are not supported)", "prompt")
+            prompt = prompt[0]
+        return _parse_token_ids(prompt, "prompt", allow_empty=False)
+    if prompt is None:
+        raise InvalidRequest("prompt is required", "prompt")
+    raise InvalidRequest("prompt must be a string, a list of one string or a list of token ids", "prompt")
+
+
+def _parse_stop(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(item, str) for item in stop):
+        return list(stop)
+    raise InvalidRequest("stop must be a string or a list of strings", "stop")
+
+
+def _parse_token_ids(value: Any, field: str, *, allow_empty: bool) -> list[int]:
+    if value is None and allow_empty:
+        return []
+    if not isinstance(value, list) or not all(_is_int(item) and item >= 0 for item in value):
+        raise InvalidRequest(f"{field} must be a list of non-negative integer token ids", field)
+    if not value and not allow_empty:
+        raise InvalidRequest(f"{field} must not be empty", field)
+    return list(value)
+
+
+def _require_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not 1
+
+
+_TYPE_NAMES = {int: "an integer", bool: "a boolean", str: "a string", dict: "an object"}
+
+
+def _optional(body: dict[str, Any], name: str, kind: type, *, field: str | None = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    matches = _is_int(value) if kind is int else isinstance(value, kind)
+    if not matches:
+        raise InvalidRequest(f"{field or name} must be {_TYPE_NAMES[kind]}, got {type(value).__name__}",
+                             field or name)
+    return value
+
+
+def _optional_number(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be a number, got {value!r}", name)
+    return float(value)

@@ -1,0 +1,197 @@
+"""Start the frontend: the shared pipeline, the OpenAI HTTP API and the gRPC APIs on their ports."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from services.frontend.grpc_api import GenerationApi
+from services.frontend.metrics import FrontendMetrics
+from services.frontend.openai_http import OpenAIHttpApi, create_app
+from services.frontend.pipeline import Pipeline
+from tandem.grpc_server import GrpcService
+from tandem.models import resolve_model, served_model_name
+
+log = structlog.get_logger(__name__)
+
+_KSERVE_MODULE = "services.frontend.kserve"
+
+
+@dataclass(slots=True)
+class FrontendConfig:
+    model: str = ""  # a local Hugging Face model directory; empty = the default model
+    served_model_name: str | None = None  # the name clients send; default: from the model
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    router_address: str = "127.0.0.1:9100"
+    request_timeout_s: float | None = 600.0  # whole-request deadline on the worker call; None = none
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_reroutes: int = 2  # other workers tried when one fails before the first token
+    retry_after_s: int = 1  # Retry-After on 503s
+    shutdown_grace_s: float = 10.0  # how long in-flight requests may finish on stop
+    enable_kserve: bool = True  # serve services.frontend.kserve too, when it is installed
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"invalid frontend setting {name}: {why}")
+
+        for name in ("http_port", "grpc_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise bad(name, f"must be in [0, 65535] (0 picks a free port), got {port}")
+        if not self.router_address or ":" not in self.router_address:
+            raise bad("router_address", f"must be host:port, got {self.router_address!r}")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise bad("request_timeout_s", f"must be positive, got {self.request_timeout_s}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise bad("max_model_len", f"must be at least 2, got {self.max_model_len}")
+        if self.max_reroutes < 0:
+            raise bad("max_reroutes", f"must be >= 0, got {self.max_reroutes}")
+        if self.retry_after_s < 0:
+            raise bad("retry_after_s", f"must be >= 0, got {self.retry_after_s}")
+        if self.shutdown_grace_s < 0:
+            raise bad("shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
+
+
+class FrontendApi(Protocol):
+    """An API served on the frontend's ports on top of the shared pipeline (native gRPC, KServe).
+
+    Built once by ``serve`` before the servers start; a KServe module takes part by exposing
+    ``create_api(pipeline: Pipeline) -> FrontendApi``.
+    """
+
+    service_names: Sequence[str]  # gRPC services, for health and reflection
+
+    def add_to_grpc_server(self, server: grpc.aio.Server) -> None:
+        """Register the servicers; called once, before the server starts."""
+
+    def add_http_routes(self, app: web.Application) -> None:
+        """Add HTTP routes (may add none); called once, before the HTTP server starts."""
+
+
+class RunningFrontend:
+    """A started frontend; ``http_port``/``grpc_port`` are the bound ports (real ones for port 0)."""
+
+    def __init__(self, config: FrontendConfig, pipeline: Pipeline, grpc_service: GrpcService,
+                 runner: web.AppRunner, http_port: int) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.grpc_service = grpc_service
+        self.http_port = http_port
+        self.grpc_port = grpc_service.port
+        self._runner = runner
+        self.draining = False
+        self._stopped = asyncio.Event()
+
+    @property
+    def model_name(self) -> str:
+        return self.pipeline.model_name
+
+    async def stop(self) -> None:
+        """NOT_SERVING, refuse new work, let in-flight requests finish within the grace, close."""
+        if self.draining:
+            await self._stopped.wait()
+            return
+        self.draining = True
+        grace_s = self.config.shutdown_grace_s
+        log.info("frontend stopping", grace_s=grace_s)
+        await self.grpc_service.set_serving(False)
+        # The HTTP runner closes its listeners, then waits up to its shutdown_timeout (the same grace).
+        await asyncio.gather(self.grpc_service.stop(grace_s), self._runner.cleanup())
+        await self.pipeline.close()
+        self._stopped.set()
+        log.info("frontend stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: FrontendConfig, *, registry: CollectorRegistry | None = None) -> RunningFrontend:
+    """Load the tokenizer, start both servers and return once they listen. Raises on bad config."""
+    model_path = await asyncio.to_thread(resolve_model, config.model or None)
+    model_name = config.served_model_name or served_model_name(model_path)
+    metrics = FrontendMetrics(registry if registry is not None else CollectorRegistry())
+    pipeline = await Pipeline.from_model_dir(
+        model_path, model_name=model_name, max_model_len=config.max_model_len,
+        router_address=config.router_address, metrics=metrics,
+        request_timeout_s=config.request_timeout_s, max_reroutes=config.max_reroutes,
+    )
+    apis: list[FrontendApi] = [GenerationApi(pipeline), *_optional_apis(config, pipeline)]
+
+    grpc_service = GrpcService(config.host, config.grpc_port,
+                               [name for api in apis for name in api.service_names])
+    for api in apis:
+        api.add_to_grpc_server(grpc_service.server)
+
+    frontend: RunningFrontend | None = None
+    http_api = OpenAIHttpApi(pipeline, is_draining=lambda: frontend is not None and frontend.draining,
+                             retry_after_s=config.retry_after_s)
+    app = create_app(http_api)
+    for api in apis:
+        api.add_http_routes(app)
+    # handler_cancellation: a client that disconnects cancels its handler, and with it the
+    # worker call, even while no token is being written (long prefill, slow worker).
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=config.shutdown_grace_s)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.http_port)
+        await site.start()
+        http_port = _bound_port(runner, config.http_port)
+        await grpc_service.start()
+    except BaseException:
+        await runner.cleanup()
+        await pipeline.close()
+        raise
+    frontend = RunningFrontend(config, pipeline, grpc_service, runner, http_port)
+    await grpc_service.set_serving(True)
+    log.info("frontend serving", model=model_name, http_port=http_port, grpc_port=grpc_service.port,
+             router=config.router_address, apis=[type(api).__name__ for api in apis])
+    return frontend
+
+
+def _optional_apis(config: FrontendConfig, pipeline: Pipeline) -> list[FrontendApi]:
+    """KServe, when its package is there: through its create_api(pipeline), or failing that its
+    gRPC registration function alone."""
+    if not config.enable_kserve or importlib.util.find_spec(_KSERVE_MODULE) is None:
+        return []
+    module = importlib.import_module(_KSERVE_MODULE)
+    create_api = getattr(module, "create_api", None)
+    if create_api is not None:
+        return [create_api(pipeline)]
+    if importlib.util.find_spec(f"{_KSERVE_MODULE}.grpc_service") is not None:
+        return [_KServeGrpcOnly(pipeline)]
+    log.warning("kserve package has no create_api(pipeline); not serving it", module=_KSERVE_MODULE)
+    return []
+
+
+class _KServeGrpcOnly:
+    """Adapter for a kserve package that only offers add_kserve_to_grpc_server (no HTTP routes)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._module = importlib.import_module(f"{_KSERVE_MODULE}.grpc_service")
+        self._pipeline = pipeline
+        self.service_names: Sequence[str] = (self._module.SERVICE_NAME,)
+
+    def add_to_grpc_server(self, server: grpc.aio.Server) -> None:
+        self._module.add_kserve_to_grpc_server(server, self._pipeline)
+
+    def add_http_routes(self, app: web.Application) -> None:
+        """None: the package offers no HTTP registration through this path."""
+
+
+def _bound_port(runner: web.AppRunner, requested: int) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            return int(address[1])
+    return requested
