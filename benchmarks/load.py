@@ -1,0 +1,182 @@
+"""The mesh's own cost: the same streamed requests through the frontend and straight into the engine.
+
+Starts `tandem up` with one decode worker (or uses --url), runs each concurrency level several
+times against both, and prints req/s, output tokens/s, TTFT and ITL p50/p99 and mesh/engine ratios.
+Usage: python benchmarks/load.py [--concurrency 1 4 16] [--runs 3] [--max-tokens 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _stats import median, percentile, table  # noqa: E402
+
+TOPICS = ["the sea", "a red fox", "mountains at dawn", "an old library", "a quiet train", "the first snow",
+          "a lighthouse", "city lights", "a lost key", "the desert wind", "a paper boat", "autumn leaves",
+          "a clockmaker", "the northern sky", "a garden gate", "a river stone"]
+
+
+@dataclass
+class RunResult:
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    requests: int = 0
+    wall_s: float = 0.0
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Write a short story about {TOPICS[i % len(TOPICS)]} (variant {i})." for i in range(n)]
+
+
+async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max_tokens: int) -> RunResult:
+    import httpx
+
+    result = RunResult()
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(client: httpx.AsyncClient, text: str) -> None:
+        async with sem:
+            body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            start = time.perf_counter()
+            last = None
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as reply:
+                reply.raise_for_status()
+                async for line in reply.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        result.output_tokens += chunk["usage"]["completion_tokens"]
+                    if not chunk.get("choices"):
+                        continue
+                    now = time.perf_counter()
+                    if last is None:
+                        result.ttft_s.append(now - start)
+                    else:
+                        result.itl_s.append(now - last)
+                    last = now
+            result.requests += 1
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600) as client:
+        await asyncio.gather(*(one(client, t) for t in texts))
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+async def run_engine(engine, texts: list[str], concurrency: int, max_tokens: int) -> RunResult:  # type: ignore[no-untyped-def]
+    from tandem.engine.types import EngineRequest, SamplingParams
+
+    result = RunResult()
+    sem = asyncio.Semaphore(concurrency)
+    counter = iter(range(10**9))
+
+    async def one(text: str) -> None:
+        async with sem:
+            ids = engine.tokenizer(text)["input_ids"]
+            request = EngineRequest(f"bench-{next(counter)}", ids,
+                                    SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+            start = time.perf_counter()
+            last = None
+            async for out in engine.generate(request):
+                now = time.perf_counter()
+                if last is None:
+                    result.ttft_s.append(now - start)
+                else:
+                    result.itl_s.append(now - last)
+                last = now
+                if out.finished:
+                    result.output_tokens += out.num_output_tokens
+            result.requests += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(t) for t in texts))
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+def summarize(runs: list[RunResult]) -> dict[str, float]:
+    return {
+        "req/s": median([r.requests / r.wall_s for r in runs]),
+        "tok/s": median([r.output_tokens / r.wall_s for r in runs]),
+        "ttft_p50_ms": median([percentile(r.ttft_s, 50) * 1e3 for r in runs]),
+        "ttft_p99_ms": median([percentile(r.ttft_s, 99) * 1e3 for r in runs]),
+        "itl_p50_ms": median([percentile(r.itl_s, 50) * 1e3 for r in runs]),
+        "itl_p99_ms": median([percentile(r.itl_s, 99) * 1e3 for r in runs]),
+    }
+
+
+def start_mesh(threads: int) -> tuple[subprocess.Popen[bytes], str]:
+    from tandem import procs
+
+    port = procs.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", "--port", str(port),
+                             "--grpc-port", str(procs.free_port()), "--router-port", "0",
+                             "--worker-base-port", "0", "--num-threads", str(threads)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while not procs.http_ok(f"{url}/health"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the mesh did not start")
+        time.sleep(0.5)
+    return proc, url
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests-per-level", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in the worker and in-process engine")
+    parser.add_argument("--url", default=None, help="use a running frontend instead of starting one")
+    args = parser.parse_args()
+
+    import torch
+
+    from tandem.engine.config import EngineConfig
+    from tandem.engine.hf.engine import HFEngine
+    from tandem.models import DEFAULT_MODEL_NAME, resolve_model
+
+    torch.set_num_threads(args.threads)
+    model_path = resolve_model(None)
+    mesh_proc, url = (None, args.url) if args.url else start_mesh(args.threads)
+    engine = HFEngine(EngineConfig(model_path=model_path, num_threads=args.threads))
+    await engine.start()
+    rows = []
+    try:
+        texts = prompts(args.requests_per_level)
+        await run_engine(engine, texts[:2], 2, 4)  # warm-up both paths
+        await run_mesh(url, DEFAULT_MODEL_NAME, texts[:2], 2, 4)
+        for concurrency in args.concurrency:
+            mesh_runs, engine_runs = [], []
+            for _ in range(args.runs):  # interleaved so drift hits both alike
+                engine_runs.append(await run_engine(engine, texts, concurrency, args.max_tokens))
+                mesh_runs.append(await run_mesh(url, DEFAULT_MODEL_NAME, texts, concurrency, args.max_tokens))
+            e, m = summarize(engine_runs), summarize(mesh_runs)
+            for name, s in (("engine", e), ("mesh", m)):
+                rows.append([concurrency, name, *(s[k] for k in s)])
+            rows.append([concurrency, "mesh/engine", *(m[k] / e[k] for k in m)])
+    finally:
+        await engine.shutdown()
+        if mesh_proc is not None:
+            mesh_proc.terminate()
+            mesh_proc.wait(60)
+    print(f"\n{args.requests_per_level} requests per level, {args.max_tokens} output tokens each, "
+          f"{args.runs} runs (medians), {args.threads} torch thread(s)\n")
+    print(table(["conc", "path", "req/s", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
