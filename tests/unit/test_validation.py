@@ -1,0 +1,157 @@
+"""OpenAI request bodies: every bad input is an InvalidRequest naming the field; good ones map to SamplingParams."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.frontend.messages import normalise_messages
+from services.frontend.openai_protocol import parse_chat_request, parse_completion_request
+from tandem.errors import InvalidRequest
+
+pytestmark = pytest.mark.unit
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": USER, **fields}
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": "m", "prompt": "hello", **fields}
+
+
+CHAT_CASES = [
+    (chat(messages=[]), "messages"),
+    ({"model": "m"}, "messages"),
+    (chat(messages="hi"), "messages"),
+    (chat(messages=[{"content": "hi"}]), "messages[0].role"),
+    (chat(messages=[{"role": "user"}]), "messages[0].content"),
+    (chat(messages=[{"role": "user", "content": 3}]), "messages[0].content"),
+    (chat(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role"),
+    (chat(messages=[USER[0], "hi"]), "messages[1]"),
+    (chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]), "messages[0].content"),
+    (chat(max_tokens=0), "max_tokens"),
+    (chat(max_tokens=-5), "max_tokens"),
+    (chat(max_tokens=1.5), "max_tokens"),
+    (chat(max_tokens="10"), "max_tokens"),
+    (chat(max_tokens=True), "max_tokens"),
+    (chat(max_completion_tokens=0), "max_completion_tokens"),
+    (chat(temperature=-0.1), "temperature"),
+    (chat(temperature=2.5), "temperature"),
+    (chat(temperature="hot"), "temperature"),
+    (chat(top_p=0), "top_p"),
+    (chat(top_p=1.5), "top_p"),
+    (chat(top_k=-2), "top_k"),
+    (chat(n=2), "n"),
+    (chat(n="1"), "n"),
+    (chat(best_of=3), "best_of"),
+    (chat(seed=-1), "seed"),
+    (chat(seed="7"), "seed"),
+    (chat(stop=5), "stop"),
+    (chat(stop=["ok", 3]), "stop"),
+    (chat(stop=[""]), "stop"),
+    (chat(stop_token_ids=[1, -2]), "stop_token_ids"),
+    (chat(stop_token_ids="1"), "stop_token_ids"),
+    (chat(ignore_eos="yes"), "ignore_eos"),
+    (chat(stream="true"), "stream"),
+    (chat(stream=True, stream_options=[]), "stream_options"),
+    (chat(stream=True, stream_options={"include_usage": 1}), "stream_options.include_usage"),
+    (chat(model=7), "model"),
+    (chat(user=1), "user"),
+    (chat(presence_penalty=3), "presence_penalty"),
+]
+COMPLETION_CASES = [
+    (completion(prompt=None), "prompt"),
+    ({"model": "m"}, "prompt"),
+    (completion(prompt=[]), "prompt"),
+    (completion(prompt=["a", "b"]), "prompt"),
+    (completion(prompt=[[1, 2], [3]]), "prompt"),
+    (completion(prompt=[1, "a"]), "prompt"),
+    (completion(prompt=[1, -1]), "prompt"),
+    (completion(prompt=42), "prompt"),
+    (completion(max_tokens=0), "max_tokens"),
+    (completion(n=4), "n"),
+    (completion(temperature=3), "temperature"),
+]
+
+
+@pytest.mark.parametrize(("parse", "body", "field"), [
+    *[(parse_chat_request, body, field) for body, field in CHAT_CASES],
+    *[(parse_completion_request, body, field) for body, field in COMPLETION_CASES],
+])
+def test_bad_input_names_the_field(parse: Any, body: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse(body)
+    assert info.value.field == field, info.value.message
+    assert info.value.message
+
+
+@pytest.mark.parametrize("body", [None, [], "text", 3])
+def test_body_must_be_an_object(body: Any) -> None:
+    with pytest.raises(InvalidRequest):
+        parse_chat_request(body)
+    with pytest.raises(InvalidRequest):
+        parse_completion_request(body)
+
+
+def test_openai_defaults() -> None:
+    request = parse_chat_request({"messages": USER})
+    assert request.model is None and not request.stream and not request.include_usage
+    sampling = request.sampling
+    assert sampling.max_tokens is None  # until the context is full
+    assert sampling.temperature == 1.0 and sampling.top_p == 1.0 and sampling.top_k == 0
+    assert sampling.seed is None and sampling.stop == [] and not sampling.ignore_eos
+
+
+def test_sampling_fields_are_carried() -> None:
+    request = parse_chat_request(chat(
+        max_tokens=7, temperature=0, top_p=0.5, top_k=40, seed=3, stop="\n", ignore_eos=True,
+        stop_token_ids=[2], n=1, user="u1", stream=True, stream_options={"include_usage": True},
+    ))
+    sampling = request.sampling
+    assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed) == (7, 0, 0.5, 40, 3)
+    assert sampling.stop == ["\n"] and sampling.stop_token_ids == [2] and sampling.ignore_eos
+    assert request.stream and request.include_usage and request.user == "u1"
+
+
+def test_max_completion_tokens_wins_over_max_tokens() -> None:
+    assert parse_chat_request(chat(max_tokens=5, max_completion_tokens=9)).sampling.max_tokens == 9
+    assert parse_chat_request(chat(max_tokens=5, max_completion_tokens=None)).sampling.max_tokens == 5
+
+
+def test_top_k_minus_one_disables() -> None:
+    assert parse_chat_request(chat(top_k=-1)).sampling.top_k == 0
+
+
+def test_include_usage_needs_stream() -> None:
+    assert not parse_chat_request(chat(stream_options={"include_usage": True})).include_usage
+
+
+def test_known_unsupported_fields_are_ignored() -> None:
+    request = parse_chat_request(chat(
+        logprobs=True, top_logprobs=2, frequency_penalty=0.5, presence_penalty=-1, logit_bias={"1": 2},
+        response_format={"type": "text"}, tools=[], parallel_tool_calls=False, service_tier="auto", store=False,
+        metadata={}, temperature=0.0,
+    ))
+    assert request.sampling.temperature == 0.0
+
+
+@pytest.mark.parametrize(("prompt", "expected"), [
+    ("hello", "hello"),
+    (["hello"], "hello"),
+    ([1, 2, 3], [1, 2, 3]),
+    ([[4, 5]], [4, 5]),
+])
+def test_completion_prompt_shapes(prompt: Any, expected: Any) -> None:
+    assert parse_completion_request(completion(prompt=prompt)).prompt == expected
+
+
+def test_messages_are_flattened_for_the_template() -> None:
+    messages = normalise_messages([
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "x"},
+    ])
+    assert messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
