@@ -30,6 +30,9 @@ log = structlog.get_logger(__name__)
 
 # Worker failures worth another worker, as long as the client has seen no token yet.
 _REROUTE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+# Trailing metadata key the decode worker names the field at fault with.
+_ERROR_FIELD_KEY = "tandem-error-field"
+_FIELD_FROM_WIRE = {"prompt_token_ids": "prompt"}
 _ERROR_FROM_DETAIL: dict[int, type[TandemError]] = {
     common_pb2.ERROR_CODE_INVALID_ARGUMENT: InvalidRequest,
     common_pb2.ERROR_CODE_NOT_FOUND: NotFound,
@@ -277,13 +280,23 @@ def _error_from_detail(detail: common_pb2.ErrorDetail) -> TandemError:
     return error_class(detail.message or "the worker failed the request", detail.field or None)
 
 
+def _error_field(exc: grpc.aio.AioRpcError) -> str | None:
+    """The worker names the request field at fault in trailing metadata, as a GenerateRequest path
+    ("sampling.max_tokens", "prompt_token_ids"); clients know them as "max_tokens", "prompt"."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == _ERROR_FIELD_KEY and isinstance(value, str) and value:
+            return _FIELD_FROM_WIRE.get(value, value.removeprefix("sampling."))
+    return None
+
+
 def _error_from_status(exc: grpc.aio.AioRpcError, route: router_pb2.RouteResponse,
                        timeout_s: float | None) -> Exception:
     code, details = exc.code(), exc.details() or ""
+    field = _error_field(exc)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidRequest(details)
+        return InvalidRequest(details, field)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhausted(details or f"worker {route.worker_id} is at capacity")
+        return ResourceExhausted(details or f"worker {route.worker_id} is at capacity", field)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Unavailable(f"the request did not finish within {timeout_s} s")
     if code in _REROUTE_CODES:

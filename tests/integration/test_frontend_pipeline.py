@@ -66,7 +66,8 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
     async def Generate(self, request, context) -> AsyncIterator[worker_pb2.GenerateResponse]:  # noqa: N802
         self.request_ids.append(request_id_from_context(context))
         if self.fail_before is not None:
-            await context.abort(self.fail_before, "scripted failure")
+            await context.abort(self.fail_before, "scripted failure",
+                                (("tandem-error-field", "sampling.max_tokens"),))
         if self.error_detail:
             yield worker_pb2.GenerateResponse(
                 finish_reason=common_pb2.FINISH_REASON_ERROR,
@@ -183,8 +184,9 @@ async def test_no_healthy_worker_is_unavailable(mesh: Mesh) -> None:
 ])
 async def test_worker_status_codes_map_to_errors(mesh: Mesh, code: grpc.StatusCode, error: type) -> None:
     mesh.worker.fail_before = code
-    with pytest.raises(error, match="scripted failure"):
+    with pytest.raises(error, match="scripted failure") as info:
         await _collect(mesh.pipeline, _request())
+    assert info.value.field == "max_tokens"  # from the worker's trailing metadata
     assert len(mesh.router.requests) == 1  # not worth another worker
 
 
