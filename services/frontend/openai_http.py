@@ -24,6 +24,7 @@ from tandem.telemetry.logging import REQUEST_ID_HEADER
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID = web.RequestKey("request_id", str)
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a full-context token-id prompt as JSON is well below this
 
 
@@ -43,7 +44,7 @@ def json_error(error: responses.ErrorResponse) -> web.Response:
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bind the request id for logs and echo it; turn every failure into an OpenAI error body."""
     request_id = request_id_for(request.headers.get(REQUEST_ID_HEADER))
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         try:
             response = await handler(request)
@@ -96,8 +97,8 @@ class OpenAIHttpApi:
         except TandemError as exc:
             self._count_rejected(endpoint, stream, exc)
             raise
-        generation = GenerationRequest(request["request_id"], prompt_ids, parsed.sampling, endpoint, parsed.stream)
-        header = self._header("chatcmpl-", request["request_id"])
+        generation = GenerationRequest(request[REQUEST_ID], prompt_ids, parsed.sampling, endpoint, parsed.stream)
+        header = self._header("chatcmpl-", request[REQUEST_ID])
         if not parsed.stream:
             text, last = await self._collect(generation)
             return self._json(request, responses.chat_completion(header, text, last.finish_reason, _usage(last)))
@@ -129,8 +130,8 @@ class OpenAIHttpApi:
         except TandemError as exc:
             self._count_rejected(endpoint, stream, exc)
             raise
-        generation = GenerationRequest(request["request_id"], prompt_ids, parsed.sampling, endpoint, parsed.stream)
-        header = self._header("cmpl-", request["request_id"])
+        generation = GenerationRequest(request[REQUEST_ID], prompt_ids, parsed.sampling, endpoint, parsed.stream)
+        header = self._header("cmpl-", request[REQUEST_ID])
         if not parsed.stream:
             text, last = await self._collect(generation)
             return self._json(request, responses.completion(header, text, last.finish_reason, _usage(last)))
@@ -167,7 +168,7 @@ class OpenAIHttpApi:
                 raise TandemError("the worker stream ended without a result") from None
             response = web.StreamResponse(headers={
                 "Content-Type": sse.CONTENT_TYPE, "Cache-Control": "no-cache",
-                REQUEST_ID_HEADER: request["request_id"],
+                REQUEST_ID_HEADER: request[REQUEST_ID],
             })
             await response.prepare(request)
             first = True

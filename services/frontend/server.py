@@ -161,33 +161,14 @@ async def serve(config: FrontendConfig, *, registry: CollectorRegistry | None = 
 
 
 def _optional_apis(config: FrontendConfig, pipeline: Pipeline) -> list[FrontendApi]:
-    """KServe, when its package is there: through its create_api(pipeline), or failing that its
-    gRPC registration function alone."""
+    """KServe v2 / Triton, through its package's create_api(pipeline), when the package is there."""
     if not config.enable_kserve or importlib.util.find_spec(_KSERVE_MODULE) is None:
         return []
-    module = importlib.import_module(_KSERVE_MODULE)
-    create_api = getattr(module, "create_api", None)
-    if create_api is not None:
-        return [create_api(pipeline)]
-    if importlib.util.find_spec(f"{_KSERVE_MODULE}.grpc_service") is not None:
-        return [_KServeGrpcOnly(pipeline)]
-    log.warning("kserve package has no create_api(pipeline); not serving it", module=_KSERVE_MODULE)
-    return []
-
-
-class _KServeGrpcOnly:
-    """Adapter for a kserve package that only offers add_kserve_to_grpc_server (no HTTP routes)."""
-
-    def __init__(self, pipeline: Pipeline) -> None:
-        self._module = importlib.import_module(f"{_KSERVE_MODULE}.grpc_service")
-        self._pipeline = pipeline
-        self.service_names: Sequence[str] = (self._module.SERVICE_NAME,)
-
-    def add_to_grpc_server(self, server: grpc.aio.Server) -> None:
-        self._module.add_kserve_to_grpc_server(server, self._pipeline)
-
-    def add_http_routes(self, app: web.Application) -> None:
-        """None: the package offers no HTTP registration through this path."""
+    create_api = getattr(importlib.import_module(_KSERVE_MODULE), "create_api", None)
+    if create_api is None:
+        log.warning("kserve package has no create_api(pipeline); not serving it", module=_KSERVE_MODULE)
+        return []
+    return [create_api(pipeline)]
 
 
 def _bound_port(runner: web.AppRunner, requested: int) -> int:

@@ -1,0 +1,397 @@
+"""The frontend in front of a real router and a real decode worker (HFEngine), all on port 0 in one
+process, driven by the official openai client, raw httpx and the native gRPC stub."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import httpx
+import pytest
+
+from services.decode.config import DecodeConfig
+from services.decode.server import DecodeWorker
+from services.decode.server import serve as serve_decode
+from services.frontend import sse
+from services.frontend.server import FrontendConfig, RunningFrontend
+from services.frontend.server import serve as serve_frontend
+from services.router.config import RouterConfig
+from services.router.server import RunningRouter
+from services.router.server import serve as serve_router
+from tandem.proto.api.v1 import api_pb2, api_pb2_grpc
+from tandem.proto.common.v1 import common_pb2
+from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+MAX_MODEL_LEN = 256
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+T = TypeVar("T")
+
+
+@dataclass
+class Mesh:
+    """Servers on a background event loop, so the tests can use blocking clients."""
+
+    loop: asyncio.AbstractEventLoop
+    router: RunningRouter
+    worker: DecodeWorker
+    frontend: RunningFrontend
+    empty_router: RunningRouter  # no worker ever registers here
+    empty_frontend: RunningFrontend
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.frontend.http_port}"
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout_s: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    def worker_stats(self) -> worker_pb2.GetStatsResponse:
+        with grpc.insecure_channel(f"127.0.0.1:{self.worker.port}") as channel:
+            return worker_pb2_grpc.WorkerServiceStub(channel).GetStats(worker_pb2.GetStatsRequest(), timeout=5)
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def mesh(model_path: Path) -> Iterator[Mesh]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="mesh-loop", daemon=True)
+    thread.start()
+
+    async def start() -> tuple[RunningRouter, DecodeWorker, RunningFrontend, RunningRouter, RunningFrontend]:
+        router = await serve_router(RouterConfig(host="127.0.0.1", port=0, metrics_port=0))
+        worker = await serve_decode(DecodeConfig(
+            host="127.0.0.1", port=0, metrics_port=0, router_address=router.address, model=str(model_path),
+            num_threads=1, num_kv_blocks=64, max_model_len=MAX_MODEL_LEN, drain_timeout_s=1,
+        ))
+        frontend_config = dict(model=str(model_path), host="127.0.0.1", http_port=0, grpc_port=0,
+                               max_model_len=MAX_MODEL_LEN, shutdown_grace_s=1)
+        frontend = await serve_frontend(FrontendConfig(router_address=router.address, **frontend_config))
+        empty_router = await serve_router(RouterConfig(host="127.0.0.1", port=0, metrics_port=0))
+        empty_frontend = await serve_frontend(FrontendConfig(router_address=empty_router.address,
+                                                             **frontend_config))
+        return router, worker, frontend, empty_router, empty_frontend
+
+    mesh = Mesh(loop, *asyncio.run_coroutine_threadsafe(start(), loop).result(120))
+    _wait_until(lambda: httpx.get(f"{mesh.base_url}/health").status_code == 200, 30, "a healthy worker")
+    yield mesh
+
+    async def stop() -> None:
+        await mesh.frontend.stop()
+        await mesh.empty_frontend.stop()
+        await mesh.worker.stop(drain_timeout_s=1)
+        await mesh.router.stop(grace_s=0)
+        await mesh.empty_router.stop(grace_s=0)
+
+    mesh.run(stop())
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def client(mesh: Mesh) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{mesh.base_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+# -- the OpenAI API through the official client -------------------------------------------------
+
+def test_models_lists_the_served_model(client: Any, mesh: Mesh) -> None:
+    assert [model.id for model in client.models.list().data] == [mesh.frontend.model_name]
+
+
+def test_chat_greedy_stream_and_unary_agree(client: Any, mesh: Mesh, tokenizer: Any) -> None:
+    unary = client.chat.completions.create(model=mesh.frontend.model_name, messages=CHAT, max_tokens=12,
+                                           temperature=0)
+    text = unary.choices[0].message.content
+    assert text and unary.choices[0].message.role == "assistant"
+    assert unary.choices[0].finish_reason in ("stop", "length")
+    num_prompt_tokens = len(tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False))
+    assert unary.usage.prompt_tokens == num_prompt_tokens
+    assert 0 < unary.usage.completion_tokens <= 12
+    assert unary.usage.total_tokens == unary.usage.prompt_tokens + unary.usage.completion_tokens
+    if unary.choices[0].finish_reason == "length":
+        assert unary.usage.completion_tokens == 12
+
+    chunks = list(client.chat.completions.create(
+        messages=CHAT, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True},
+        model=mesh.frontend.model_name))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [unary.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == unary.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == num_prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completion_greedy_stream_and_unary_agree(client: Any, mesh: Mesh, tokenizer: Any) -> None:
+    prompt = "The capital of France is"
+    unary = client.completions.create(model=mesh.frontend.model_name, prompt=prompt, max_tokens=8, temperature=0)
+    text = unary.choices[0].text
+    assert text and unary.object == "text_completion"
+    assert unary.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    stream = list(client.completions.create(model=mesh.frontend.model_name, prompt=prompt, max_tokens=8,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in stream) == text
+    assert stream[-1].choices[0].finish_reason == unary.choices[0].finish_reason
+    # The same prompt as token ids (and as a list of one string) gives the same greedy text.
+    by_ids = client.completions.create(model=mesh.frontend.model_name, prompt=tokenizer.encode(prompt),
+                                       max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == text
+    as_list = client.completions.create(model=mesh.frontend.model_name, prompt=[prompt], max_tokens=8,
+                                        temperature=0)
+    assert as_list.choices[0].text == text
+
+
+def test_max_completion_tokens_and_seeded_sampling(client: Any, mesh: Mesh) -> None:
+    kwargs = dict(model=mesh.frontend.model_name, messages=CHAT, max_completion_tokens=6, temperature=0.9,
+                  top_p=0.9, seed=1234, extra_body={"top_k": 50, "ignore_eos": True})
+    first = client.chat.completions.create(**kwargs)
+    second = client.chat.completions.create(**kwargs)
+    assert first.usage.completion_tokens == 6 and first.choices[0].finish_reason == "length"
+    assert first.choices[0].message.content == second.choices[0].message.content
+
+
+# -- raw HTTP: SSE framing, request ids, errors --------------------------------------------------
+
+def test_sse_stream_ends_with_done_and_echoes_request_id(mesh: Mesh) -> None:
+    response = httpx.post(f"{mesh.base_url}/v1/chat/completions", headers={"x-request-id": "test-sse-1"},
+                          json={"messages": CHAT, "max_tokens": 4, "stream": True}, timeout=60)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-request-id"] == "test-sse-1"
+    events = sse.decode_events(response.content)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    assert {chunk["id"] for chunk in chunks} == {"chatcmpl-test-sse-1"}
+
+
+def test_request_id_generated_when_absent(mesh: Mesh) -> None:
+    response = httpx.post(f"{mesh.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
+    assert response.status_code == 200 and response.headers["x-request-id"].startswith("cmpl-")
+
+
+def _error(response: httpx.Response) -> dict[str, Any]:
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert "Traceback" not in error["message"]
+    return error  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"content": "x"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": -1}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "temperature": -1}, "temperature"),
+    ("/v1/chat/completions", {"messages": CHAT, "temperature": 2.5}, "temperature"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_p": 0}, "top_p"),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 2}, "n"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": "ten"}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "stop": 3, "stream": True}, "stop"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": [1, -3]}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "top_k": "x"}, "top_k"),
+])
+def test_bad_input_is_400_naming_the_param(mesh: Mesh, path: str, body: dict[str, Any], param: str) -> None:
+    response = httpx.post(f"{mesh.base_url}{path}", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = _error(response)
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_malformed_json_is_400(mesh: Mesh) -> None:
+    response = httpx.post(f"{mesh.base_url}/v1/chat/completions", content=b'{"messages": [',
+                          headers={"content-type": "application/json", "x-request-id": "bad-json"})
+    assert response.status_code == 400 and response.headers["x-request-id"] == "bad-json"
+    assert _error(response)["type"] == "invalid_request_error"
+
+
+def test_prompt_longer_than_the_context_is_400_with_both_lengths(mesh: Mesh) -> None:
+    response = httpx.post(f"{mesh.base_url}/v1/completions",
+                          json={"prompt": [1] * 250, "max_tokens": 10}, timeout=30)
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["param"] == "prompt"
+    assert str(MAX_MODEL_LEN) in error["message"] and "260" in error["message"]
+
+
+def test_unknown_model_is_404(client: Any, mesh: Mesh) -> None:
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=CHAT)
+    response = httpx.post(f"{mesh.base_url}/v1/completions", json={"model": "gpt-4o", "prompt": "x"})
+    assert response.status_code == 404
+    assert _error(response)["param"] == "model"
+
+
+def test_no_healthy_worker_is_503_with_retry_after(mesh: Mesh) -> None:
+    base = f"http://127.0.0.1:{mesh.empty_frontend.http_port}"
+    for stream in (False, True):
+        response = httpx.post(f"{base}/v1/chat/completions", json={"messages": CHAT, "stream": stream})
+        assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+        assert "no healthy worker" in _error(response)["message"]
+    assert httpx.get(f"{base}/health").status_code == 503
+    assert httpx.get(f"{base}/live").status_code == 200
+
+
+def test_health_and_live(mesh: Mesh) -> None:
+    health = httpx.get(f"{mesh.base_url}/health")
+    assert health.status_code == 200 and health.json()["num_healthy_workers"] == 1
+    assert httpx.get(f"{mesh.base_url}/live").status_code == 200
+
+
+def test_metrics_after_requests(mesh: Mesh) -> None:
+    httpx.post(f"{mesh.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+    text = httpx.get(f"{mesh.base_url}/metrics").text
+    name = mesh.frontend.model_name
+    assert (f'tandem_frontend_requests_total{{endpoint="completions",model="{name}",request_type="unary",'
+            'status="success"}') in text
+    for metric in ("tandem_frontend_time_to_first_token_seconds_bucket", "tandem_frontend_inflight_requests",
+                   "tandem_frontend_inter_token_latency_seconds_bucket", "tandem_frontend_output_tokens_total",
+                   "tandem_frontend_request_duration_seconds_bucket", "tandem_frontend_input_sequence_tokens",
+                   "tandem_frontend_output_sequence_tokens"):
+        assert metric in text
+    assert 'status="invalid_argument"' in text  # the 400s above were counted too
+
+
+# -- cancellation frees the worker's KV blocks ---------------------------------------------------
+
+def _num_worker_aborts(mesh: Mesh) -> float:
+    value = mesh.worker.metrics.registry.get_sample_value("tandem_worker_requests_total", {"outcome": "abort"})
+    return value or 0.0
+
+
+def _wait_worker_idle(mesh: Mesh) -> None:
+    def idle() -> bool:
+        stats = mesh.worker_stats()
+        return stats.load.num_kv_blocks_used == 0 and stats.load.num_running == 0 and stats.load.num_waiting == 0
+    _wait_until(idle, 15, "the worker to free every KV block")
+
+
+def test_client_disconnect_mid_stream_frees_kv_blocks(mesh: Mesh) -> None:
+    _wait_worker_idle(mesh)
+    num_aborts = _num_worker_aborts(mesh)
+    body = {"messages": CHAT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{mesh.base_url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        num_events = 0
+        for line in lines:
+            num_events += line.startswith("data:")
+            if num_events == 4:
+                break
+        assert mesh.worker_stats().load.num_kv_blocks_used > 0  # the request is running
+    # Leaving the block closed the connection mid-stream: the worker aborts (not finishes) the request.
+    _wait_worker_idle(mesh)
+    assert _num_worker_aborts(mesh) == num_aborts + 1
+
+
+def test_client_disconnect_during_unary_request_frees_kv_blocks(mesh: Mesh) -> None:
+    # Nothing is written to a unary response until the end, so only handler cancellation
+    # (aiohttp noticing the closed connection) can stop the worker early.
+    _wait_worker_idle(mesh)
+    num_aborts = _num_worker_aborts(mesh)
+    body = {"messages": CHAT, "max_tokens": 200, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{mesh.base_url}/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=1.0))
+    _wait_worker_idle(mesh)
+    assert _num_worker_aborts(mesh) == num_aborts + 1
+
+
+def test_grpc_cancel_frees_kv_blocks(mesh: Mesh) -> None:
+    _wait_worker_idle(mesh)
+    num_aborts = _num_worker_aborts(mesh)
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.frontend.grpc_port}") as channel:
+        call = api_pb2_grpc.GenerationServiceStub(channel).Generate(api_pb2.GenerateRequest(
+            text="Once upon a time", sampling=common_pb2.SamplingParams(max_tokens=200, ignore_eos=True)))
+        for _ in zip(range(3), call, strict=False):
+            pass
+        assert mesh.worker_stats().load.num_kv_blocks_used > 0
+        call.cancel()
+    _wait_worker_idle(mesh)
+    assert _num_worker_aborts(mesh) == num_aborts + 1
+
+
+# -- the native gRPC API -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def native(mesh: Mesh) -> Iterator[api_pb2_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.frontend.grpc_port}") as channel:
+        yield api_pb2_grpc.GenerationServiceStub(channel)
+
+
+def test_native_generate_matches_the_completions_api(native: Any, client: Any, mesh: Mesh) -> None:
+    prompt = "The capital of France is"
+    call = native.Generate(api_pb2.GenerateRequest(
+        text=prompt, request_id="native-1", sampling=common_pb2.SamplingParams(max_tokens=8, temperature=0)),
+        timeout=60)
+    responses = list(call)
+    assert {r.request_id for r in responses} == {"native-1"}
+    assert all(r.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+    last = responses[-1]
+    assert last.finish_reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
+    token_ids = [t for r in responses for t in r.delta.token_ids]
+    assert last.usage.completion_tokens == len(token_ids) > 0
+    expected = client.completions.create(model=mesh.frontend.model_name, prompt=prompt, max_tokens=8,
+                                         temperature=0)
+    assert "".join(r.delta.text for r in responses) == expected.choices[0].text
+    assert last.usage.prompt_tokens == expected.usage.prompt_tokens
+
+
+def test_native_token_id_prompt_and_list_models(native: Any, mesh: Mesh) -> None:
+    responses = list(native.Generate(api_pb2.GenerateRequest(
+        token_ids=api_pb2.TokenIds(ids=[504, 3458]), sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=60))
+    assert responses[-1].usage.prompt_tokens == 2 and responses[-1].usage.completion_tokens <= 3
+    models = native.ListModels(api_pb2.ListModelsRequest()).models
+    assert [(m.name, m.max_model_len) for m in models] == [(mesh.frontend.model_name, MAX_MODEL_LEN)]
+
+
+@pytest.mark.parametrize(("request_fields", "code", "field"), [
+    ({"model": "nope", "text": "x"}, grpc.StatusCode.NOT_FOUND, "model"),
+    ({}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ({"text": "x", "sampling": common_pb2.SamplingParams(top_p=1.5)}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    ({"token_ids": api_pb2.TokenIds(ids=[1] * 300)}, grpc.StatusCode.INVALID_ARGUMENT, str(MAX_MODEL_LEN)),
+])
+def test_native_errors_name_the_field(native: Any, request_fields: dict[str, Any], code: grpc.StatusCode,
+                                      field: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        list(native.Generate(api_pb2.GenerateRequest(**request_fields), timeout=30))
+    assert info.value.code() == code and field in info.value.details()
+
+
+def test_native_no_worker_is_unavailable(mesh: Mesh) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{mesh.empty_frontend.grpc_port}") as channel:
+        stub = api_pb2_grpc.GenerationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(api_pb2.GenerateRequest(text="hi"), timeout=30))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
