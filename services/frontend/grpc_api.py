@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
 import grpc
@@ -40,7 +40,7 @@ def grpc_status_for(error: TandemError) -> tuple[grpc.StatusCode, str]:
 class GenerationApi(api_pb2_grpc.GenerationServiceServicer):
     """Served on the frontend's gRPC port beside health, reflection and KServe."""
 
-    service_names = (api_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,)
+    service_names: Sequence[str] = (api_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name,)
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +139,7 @@ class Pipeline:
 
     # -- generation ------------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request's outputs; the last has finish_reason set.
 
         Raises Unavailable (no healthy worker, or the worker failed), InvalidRequest or
@@ -167,7 +167,7 @@ class Pipeline:
         finally:  # also on GeneratorExit / CancelledError, which leave status "cancelled"
             tracker.finish(status)
 
-    async def _generate_rerouting(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    async def _generate_rerouting(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         excluded_worker_ids: list[str] = []
         while True:
             route = await self._route(request, excluded_worker_ids)
@@ -207,7 +207,7 @@ class Pipeline:
 
     async def _stream_from_worker(
         self, request: GenerationRequest, route: router_pb2.RouteResponse
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         stub = worker_pb2_grpc.WorkerServiceStub(self._worker_channel(route.address))
         call = stub.Generate(
             worker_pb2.GenerateRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tandem.engine.types import FinishReason, SamplingParams
 from tandem.proto.common.v1 import common_pb2
 
-_FINISH_FROM_PROTO = {
+_FINISH_FROM_PROTO: dict[common_pb2.FinishReason, FinishReason] = {
     common_pb2.FINISH_REASON_STOP: FinishReason.STOP,
     common_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
     common_pb2.FINISH_REASON_ABORT: FinishReason.ABORT,
@@ -49,7 +49,7 @@ def finish_reason_from_proto(value: int) -> FinishReason | None:
     return _FINISH_FROM_PROTO.get(value)  # type: ignore[call-overload]
 
 
-def finish_reason_to_proto(reason: FinishReason | None) -> int:
+def finish_reason_to_proto(reason: FinishReason | None) -> common_pb2.FinishReason:
     if reason is None:
-        return common_pb2.FINISH_REASON_UNSPECIFIED  # type: ignore[no-any-return]
-    return _FINISH_TO_PROTO[reason]  # type: ignore[no-any-return]
+        return common_pb2.FINISH_REASON_UNSPECIFIED
+    return _FINISH_TO_PROTO[reason]
