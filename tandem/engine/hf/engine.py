@@ -22,6 +22,7 @@ from tandem.engine.hf.block_manager import BlockManager
 from tandem.engine.hf.sequence import Sequence
 from tandem.engine.types import EngineRequest, EngineStats, FinishReason, RequestOutput, StepInfo
 from tandem.errors import InvalidRequest, ResourceExhausted
+from tandem.kv.events import KvEvent, KvEventLog, KvSnapshot
 from tandem.models import served_model_name
 
 log = structlog.get_logger(__name__)
@@ -54,6 +55,8 @@ class HFEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
         self._stopping = False
+        # Fed by the block pool on the step thread; streamed to the router (KV-aware routing).
+        self._kv_events = KvEventLog()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -84,7 +87,7 @@ class HFEngine:
         eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
-        self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size)
+        self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, on_event=self._kv_events.record)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, eos_ids)
         self.sampler = Sampler()
 
@@ -168,6 +171,14 @@ class HFEngine:
 
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+
+    def kv_events(self) -> AsyncIterator[KvEvent]:
+        """Blocks stored / removed / cleared from now on, numbered 1, 2, ... per engine."""
+        return self._kv_events.subscribe()
+
+    def kv_snapshot(self) -> KvSnapshot:
+        """Every cached block hash, with the id of the last event it includes."""
+        return self._kv_events.snapshot()
 
     def stats(self) -> EngineStats:
         if not hasattr(self, "scheduler"):
