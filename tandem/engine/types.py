@@ -95,3 +95,50 @@ class StepInfo:
     num_tokens: int  # tokens computed (prefill chunks + one per decoding request)
     num_prefill_tokens: int
     duration_s: float
+
+
+@dataclass(slots=True, frozen=True)
+class KVLayout:
+    """Shape of one engine's KV pool, so two engines can check they can exchange blocks."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str
+
+    @property
+    def bytes_per_block_layer(self) -> int:
+        """K and V of one block in one layer."""
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+
+@dataclass(slots=True)
+class PrefillResult:
+    """A prompt run on a prefill engine: its first token and the blocks pinned for export."""
+
+    request_id: str
+    first_token_id: int
+    finish_reason: FinishReason | None  # set when the first token already ends the request
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    block_ids: list[int]  # pinned until release_kv(request_id)
+
+
+@dataclass(slots=True)
+class KVReservation:
+    """Blocks a decode engine holds for an imported prompt.
+
+    Blocks before ``num_cached_tokens // block_size`` are local prefix-cache hits; the rest must
+    be filled with ``write_kv`` before the request continues.
+    """
+
+    request_id: str
+    block_ids: list[int]
+    num_cached_tokens: int
+    block_size: int
+
+    @property
+    def first_missing_block(self) -> int:
+        return self.num_cached_tokens // self.block_size

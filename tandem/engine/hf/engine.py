@@ -11,16 +11,27 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
+import torch
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from tandem.engine.hf.block_manager import BlockManager
 from tandem.engine.hf.sequence import Sequence
-from tandem.engine.types import EngineRequest, EngineStats, FinishReason, RequestOutput, StepInfo
+from tandem.engine.types import (
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    KVLayout,
+    KVReservation,
+    PrefillResult,
+    RequestOutput,
+    StepInfo,
+)
 from tandem.errors import InvalidRequest, ResourceExhausted
 from tandem.kv.events import KvEvent, KvEventLog, KvSnapshot
 from tandem.models import served_model_name
@@ -36,9 +47,19 @@ class _Update:
     finish_reason: FinishReason | None
     num_cached_tokens: int
     error: str | None = None
+    pinned_block_ids: list[int] = field(default_factory=list)  # prefill role only
 
 
 _SHUTDOWN = object()
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class HFEngine:
@@ -51,6 +72,7 @@ class HFEngine:
         self._on_step = on_step
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[_Update]] = {}
+        self._reserved: dict[str, Sequence] = {}  # KV reservations not yet continued
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
@@ -126,16 +148,34 @@ class HFEngine:
         max_new = request.sampling.max_tokens or self.max_model_len
         return min(len(prompt) + max_new, self.max_model_len)
 
+    def _new_sequence(self, request: EngineRequest, *, pin: bool = False) -> Sequence:
+        max_total = self._validate(request)
+        if pin:
+            max_total = len(request.prompt_token_ids) + 1
+        return Sequence(request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids),
+                        request.sampling, max_total, arrival_s=time.monotonic(), pin_on_finish=pin)
+
+    def _open(self, request_id: str) -> asyncio.Queue[_Update]:
+        updates: asyncio.Queue[_Update] = asyncio.Queue()
+        self._streams[request_id] = updates
+        return updates
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         if not self.healthy():
             raise RuntimeError("the engine is not running")
-        max_total = self._validate(request)
-        rid = request.request_id
-        updates: asyncio.Queue[_Update] = asyncio.Queue()
-        self._streams[rid] = updates
-        seq = Sequence(rid, list(request.prompt_token_ids), len(request.prompt_token_ids),
-                       request.sampling, max_total, arrival_s=time.monotonic())
+        seq = self._new_sequence(request)
+        updates = self._open(seq.request_id)
         self._commands.put(seq)
+        async for out in self._relay(request, updates, []):
+            yield out
+
+    async def _relay(self, request: EngineRequest, updates: asyncio.Queue[_Update],
+                     preset: list[_Update]) -> AsyncIterator[RequestOutput]:
+        """Turn a request's token updates into text deltas; abort it if the consumer leaves early.
+
+        ``preset`` updates (a first token made elsewhere) are emitted before the engine's own.
+        """
+        rid = request.request_id
         detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
         stops = StopStringMatcher(request.sampling.stop)
         num_prompt = len(request.prompt_token_ids)
@@ -143,10 +183,10 @@ class HFEngine:
         finished = False
         try:
             while not finished:
-                update = await updates.get()
+                update = preset.pop(0) if preset else await updates.get()
                 token_ids = list(update.token_ids)
                 reason = update.finish_reason
-                while reason is None and not updates.empty():  # coalesce when the reader lags
+                while reason is None and not preset and not updates.empty():  # coalesce when the reader lags
                     more = updates.get_nowait()
                     token_ids.extend(more.token_ids)
                     reason, update = more.finish_reason, more
@@ -168,6 +208,126 @@ class HFEngine:
             self._streams.pop(rid, None)
             if not finished:  # the consumer went away: free the request's blocks
                 self._commands.put(("abort", rid))
+
+    # -- disaggregation: prefill here, decode elsewhere --------------------------------------------
+
+    def kv_layout(self) -> KVLayout:
+        r = self.runner
+        return KVLayout(r.num_layers, r.num_kv_heads, r.head_dim, r.block_size, self.config.dtype)
+
+    async def prefill(self, request: EngineRequest) -> PrefillResult:
+        """Run the prompt and sample its first token; keep its blocks pinned for ``read_kv``.
+
+        The caller must ``release_kv`` the request (after the export, or when its lease ends).
+        Nothing is pinned when the first token already finishes the request.
+        """
+        seq = self._new_sequence(request, pin=True)
+        updates = self._open(seq.request_id)
+        self._commands.put(seq)
+        try:
+            update = await updates.get()
+        except BaseException:
+            self._commands.put(("abort", seq.request_id))
+            self._commands.put(("release", seq.request_id))
+            raise
+        finally:
+            self._streams.pop(seq.request_id, None)
+        if update.finish_reason in (FinishReason.ABORT, FinishReason.ERROR):
+            raise RuntimeError(update.error or "prefill aborted")
+        reason = None if update.finish_reason is FinishReason.LENGTH else update.finish_reason
+        if request.sampling.max_tokens == 1:
+            reason = FinishReason.LENGTH
+        return PrefillResult(seq.request_id, update.token_ids[-1], reason, seq.num_prompt_tokens,
+                             update.num_cached_tokens, update.pinned_block_ids)
+
+    def read_kv(self, block_ids: list[int], layer_start: int, layer_count: int) -> torch.Tensor:
+        """A copy of K and V of ``block_ids`` for layers [start, start+count): [L, 2, B, bs, kvh, d].
+
+        Safe from the event loop: pinned blocks are never written by the step thread.
+        """
+        return self.runner.read_blocks(block_ids, layer_start, layer_count)
+
+    async def release_kv(self, request_id: str) -> None:
+        """Unpin a prefilled request's blocks (after export, on lease expiry or cancellation)."""
+        self._commands.put(("release", request_id))
+
+    async def reserve_kv(self, request: EngineRequest) -> KVReservation | None:
+        """Hold blocks for a prompt whose KV will be imported; None when the pool is full."""
+        seq = self._new_sequence(request)
+        ok = await self._call(lambda: self.scheduler.reserve(seq))
+        if not ok:
+            return None
+        self._reserved[seq.request_id] = seq
+        return KVReservation(seq.request_id, list(seq.block_table), seq.num_cached_tokens,
+                             self.block_manager.block_size)
+
+    def write_kv(self, reservation: KVReservation, block_index: int, layer_start: int,
+                 data: torch.Tensor) -> None:
+        """Copy imported K/V ([L, 2, B, bs, kvh, d]) into reserved blocks starting at ``block_index``."""
+        blocks = reservation.block_ids[block_index : block_index + data.shape[2]]
+        self.runner.write_blocks(blocks, layer_start, data)
+
+    async def generate_imported(self, request: EngineRequest, reservation: KVReservation | None,
+                                first_token_id: int,
+                                load_kv: Callable[[KVReservation], Awaitable[None]] | None
+                                ) -> AsyncIterator[RequestOutput]:
+        """Continue a request prefilled elsewhere: emit its first token at once, then import and decode.
+
+        ``load_kv`` fills the reservation's missing blocks; if it fails (or there is no
+        reservation) the prompt is prefilled here instead, with the same first token, so the
+        output does not change.
+        """
+        rid = request.request_id
+        seq = self._reserved.pop(rid, None) if reservation is not None else None
+        if seq is None:
+            seq = self._new_sequence(request)
+        updates = self._open(rid)
+        seq.token_ids.append(first_token_id)
+        first_reason = self._first_token_stop(seq, first_token_id)
+        preset = [_Update([first_token_id], first_reason, seq.num_cached_tokens)]
+        relay = self._relay(request, updates, preset)
+        submitted = False
+        try:
+            yield await relay.__anext__()
+            if first_reason is not None:
+                return
+            imported = False
+            if seq.block_table and load_kv is not None and reservation is not None:
+                try:
+                    await load_kv(reservation)
+                    imported = True
+                except Exception as exc:  # fall back to a local prefill; the client sees no error
+                    log.warning("KV import failed; prefilling locally", request_id=rid, error=str(exc))
+            if imported:
+                seq.num_computed_tokens = seq.num_prompt_tokens
+            else:
+                if seq.block_table:
+                    await self._call(lambda: self.scheduler.cancel_reservation(seq))
+                seq.num_computed_tokens = 0
+                seq.num_cached_tokens = 0
+            self._commands.put(seq)
+            submitted = True
+            async for out in relay:
+                yield out
+        finally:
+            await relay.aclose()
+            if not submitted and seq.block_table:  # never reached the scheduler: free the reservation
+                self._commands.put(("cancel-reservation", seq))
+
+    def _first_token_stop(self, seq: Sequence, token: int) -> FinishReason | None:
+        if not seq.sampling.ignore_eos and token in self.scheduler.eos_token_ids:
+            return FinishReason.STOP
+        if token in seq.sampling.stop_token_ids:
+            return FinishReason.STOP
+        if seq.num_tokens >= seq.max_total_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the step thread (which owns the scheduler and pool) and await its result."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._commands.put(("call", fn, future))
+        return await future
 
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
@@ -218,6 +378,18 @@ class HFEngine:
             seq = self.scheduler.abort(command[1])
             if seq is not None:
                 updates[seq.request_id] = _Update([], FinishReason.ABORT, seq.num_cached_tokens)
+        elif isinstance(command, tuple) and command[0] == "release":
+            self.scheduler.release_pinned(command[1])
+        elif isinstance(command, tuple) and command[0] == "cancel-reservation":
+            self.scheduler.cancel_reservation(command[1])
+        elif isinstance(command, tuple) and command[0] == "call":
+            _, fn, future = command
+            try:
+                result, error = fn(), None
+            except Exception as exc:  # handed to the awaiting coroutine
+                result, error = None, exc
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(_resolve, future, result, error)
         return True
 
     def _run(self) -> None:
@@ -252,7 +424,9 @@ class HFEngine:
         tokens = self.sampler.sample(logits, [i.seq.sampling for i in sampling],
                                      [i.seq.num_tokens for i in sampling])
         for seq in self.scheduler.postprocess(scheduled, tokens):
-            updates[seq.request_id] = _Update([seq.token_ids[-1]], seq.finish_reason, seq.num_cached_tokens)
+            pinned = list(seq.block_table) if seq.request_id in self.scheduler.pinned else []
+            updates[seq.request_id] = _Update([seq.token_ids[-1]], seq.finish_reason, seq.num_cached_tokens,
+                                              pinned_block_ids=pinned)
         if self._on_step is not None:
             num_tokens = sum(i.num_new_tokens for i in scheduled)
             prefill = sum(i.num_new_tokens for i in scheduled if i.num_new_tokens > 1)

@@ -40,6 +40,8 @@ class Scheduler:
         self.num_prefix_queries = 0  # prompt tokens looked up
         self.num_prefix_hits = 0  # prompt tokens found cached
         self.num_preemptions = 0
+        # prefilled requests whose blocks wait for a KV export, by request id
+        self.pinned: dict[str, Sequence] = {}
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -104,6 +106,8 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> bool:
         """Take the request's cached prefix and blocks for its first chunk, or nothing at all."""
+        if seq.block_table:  # imported KV: its blocks are in place already
+            return self._grow(seq, min(seq.num_uncomputed_tokens, budget))
         bs = self.blocks.block_size
         hashes = hash_blocks(seq.token_ids, bs)
         hits = self.blocks.find_prefix(hashes)
@@ -132,6 +136,41 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    # -- KV export and import (disaggregated prefill) ----------------------------------------
+
+    def release_pinned(self, request_id: str) -> bool:
+        seq = self.pinned.pop(request_id, None)
+        if seq is None:
+            return False
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        return True
+
+    def reserve(self, seq: Sequence) -> bool:
+        """Blocks for an imported prompt: local prefix hits plus fresh blocks for the rest.
+
+        Sets ``num_cached_tokens`` (the part that needs no import); False when the pool is full.
+        """
+        bs = self.blocks.block_size
+        num_prompt = seq.num_prompt_tokens
+        hashes = hash_blocks(seq.token_ids[:num_prompt], bs)
+        hits = self.blocks.find_prefix(hashes)
+        needed = self.blocks.blocks_for(num_prompt) - len(hits)
+        if not self.blocks.can_allocate(needed, hits):
+            return False
+        self.blocks.take(hits)
+        seq.block_table = hits + self.blocks.allocate(needed)
+        seq.block_hashes = hashes[: len(hits)]
+        seq.num_cached_tokens = len(hits) * bs
+        self.num_prefix_queries += num_prompt
+        self.num_prefix_hits += seq.num_cached_tokens
+        return True
+
+    def cancel_reservation(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.blocks.free(seq.block_table)
+        seq.block_table = []
 
     # -- after the forward pass ----------------------------------------------------------------
 
@@ -168,6 +207,11 @@ class Scheduler:
         return None
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.pin_on_finish and reason is FinishReason.LENGTH:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = reason
+            self.pinned[seq.request_id] = seq  # blocks stay referenced until release_pinned
+            return
         if seq.block_table:
             self.blocks.free(seq.block_table)
         seq.block_table = []

@@ -28,6 +28,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     arrival_s: float = 0.0
+    # prefill role: keep the blocks after the first token, for a KV export (see Scheduler.pinned)
+    pin_on_finish: bool = False
 
     @property
     def num_tokens(self) -> int:
