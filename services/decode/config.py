@@ -1,0 +1,128 @@
+"""Decode worker settings: typed, validated at start-up, read from flags with environment fallbacks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tandem.engine.config import ENGINES, EngineConfig
+
+
+@dataclass(slots=True)
+class DecodeConfig:
+    host: str = "0.0.0.0"
+    port: int = 9200  # 0 picks a free port
+    advertise_host: str = "127.0.0.1"  # what the router hands to frontends, with the bound port
+    metrics_port: int = 9201  # 0 disables the Prometheus endpoint
+    router_address: str = ""  # host:port; empty: serve without registering
+    worker_id: str = ""  # empty: decode-<advertise_host>-<port>
+    drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    # Engine settings (see tandem.engine.config.EngineConfig); empty model = the default model.
+    model: str = ""
+    engine: str = "hf"
+    num_kv_blocks: int = 2048
+    block_size: int = 16
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    max_queue_len: int = 256
+    max_model_len: int | None = None
+    num_threads: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"invalid decode setting {name}: {why}")
+
+        for name in ("host", "advertise_host"):
+            if not getattr(self, name):
+                raise bad(name, "must not be empty")
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise bad(name, f"must be in [0, 65535], got {value}")
+        if self.router_address:
+            host, _, port = self.router_address.rpartition(":")
+            if not host or not port.isdigit():
+                raise bad("router_address", f"must be host:port, got {self.router_address!r}")
+        if not self.drain_timeout_s >= 0:
+            raise bad("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise bad("num_threads", f"must be at least 1, got {self.num_threads}")
+        # Validate the engine settings now, before the model is resolved (which may take a while).
+        self.engine_config(Path(self.model or "."))
+
+    def engine_config(self, model_path: Path) -> EngineConfig:
+        return EngineConfig(
+            model_path=model_path, engine=self.engine, block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_queue_len=self.max_queue_len,
+            max_model_len=self.max_model_len, device=self.device, dtype=self.dtype, num_threads=self.num_threads,
+        )
+
+
+def _optional_int(text: str) -> int | None:
+    """Empty or 0 means "not set" for the settings that default to the model or torch."""
+    return int(text) or None if text else None
+
+
+# flag -> (environment variable, type); the config field is the flag with dashes as underscores.
+_FLAGS: dict[str, tuple[str, type | object]] = {
+    "--host": ("TANDEM_HOST", str),
+    "--port": ("TANDEM_WORKER_PORT", int),
+    "--advertise-host": ("TANDEM_ADVERTISE_HOST", str),
+    "--metrics-port": ("TANDEM_METRICS_PORT", int),
+    "--router-address": ("TANDEM_ROUTER_ADDRESS", str),
+    "--worker-id": ("TANDEM_WORKER_ID", str),
+    "--drain-timeout": ("TANDEM_DRAIN_TIMEOUT_S", float),
+    "--model": ("TANDEM_MODEL", str),
+    "--engine": ("TANDEM_ENGINE", str),
+    "--num-kv-blocks": ("TANDEM_NUM_KV_BLOCKS", int),
+    "--block-size": ("TANDEM_BLOCK_SIZE", int),
+    "--max-num-seqs": ("TANDEM_MAX_NUM_SEQS", int),
+    "--max-num-batched-tokens": ("TANDEM_MAX_NUM_BATCHED_TOKENS", int),
+    "--max-queue-len": ("TANDEM_MAX_QUEUE_LEN", int),
+    "--max-model-len": ("TANDEM_MAX_MODEL_LEN", _optional_int),
+    "--num-threads": ("TANDEM_NUM_THREADS", _optional_int),
+    "--device": ("TANDEM_DEVICE", str),
+    "--dtype": ("TANDEM_DTYPE", str),
+}
+_HELP = {
+    "--port": "gRPC port, 0 picks a free one",
+    "--advertise-host": "host the router gives to frontends (with the bound port)",
+    "--metrics-port": "Prometheus port, 0 disables",
+    "--router-address": "router host:port to register with; empty serves unregistered",
+    "--worker-id": "default decode-<advertise-host>-<port>",
+    "--drain-timeout": "seconds in-flight requests get to finish on SIGTERM",
+    "--model": "local Hugging Face model directory; empty = the default model",
+    "--engine": f"one of {', '.join(ENGINES)}",
+    "--max-model-len": "context length; default the model's",
+    "--num-threads": "torch intra-op threads; default torch's",
+}
+
+
+def _field_name(flag: str) -> str:
+    return "drain_timeout_s" if flag == "--drain-timeout" else flag[2:].replace("-", "_")
+
+
+def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> DecodeConfig:
+    """Flags win over environment variables, which win over the defaults."""
+    env = os.environ if environ is None else environ
+    defaults = DecodeConfig()
+    parser = argparse.ArgumentParser(prog="python -m services.decode", description="Tandem decode worker")
+    for flag, (variable, kind) in _FLAGS.items():
+        default = getattr(defaults, _field_name(flag))
+        # argparse runs `type` on string defaults too, so a bad environment value is reported here.
+        parser.add_argument(
+            flag, dest=_field_name(flag), type=kind,  # type: ignore[arg-type]
+            default=env.get(variable, "" if default is None else str(default)),
+            help=f"{_HELP.get(flag, '')} (${variable})".strip(),
+        )
+    args = parser.parse_args(argv)
+    try:
+        return DecodeConfig(**vars(args))
+    except ValueError as error:
+        parser.error(str(error))

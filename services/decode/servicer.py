@@ -1,0 +1,137 @@
+"""The WorkerService gRPC handlers: Generate streams engine outputs; GetStats reports load."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from services.decode.convert import (
+    error_response,
+    request_from_proto,
+    response_from_output,
+    stats_response,
+    wire_field,
+)
+from services.decode.metrics import DecodeMetrics
+from tandem.engine.protocol import Engine
+from tandem.engine.types import RequestOutput
+from tandem.errors import InvalidRequest, ResourceExhausted, TandemError, Unavailable
+from tandem.grpc_server import bind_request_id, request_id_from_context
+from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
+
+log = structlog.get_logger("decode")
+
+_STATUS = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+# Trailing metadata naming the request field at fault, for callers that map it (OpenAI's `param`).
+ERROR_FIELD_KEY = "tandem-error-field"
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, engine: Engine, metrics: DecodeMetrics) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self._running_ids: set[str] = set()  # engine request ids of in-flight calls
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._running_ids)
+
+    def start_draining(self) -> None:
+        """Refuse new Generate calls (UNAVAILABLE, so callers retry elsewhere); in-flight ones go on."""
+        self._draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no Generate call is in flight; False if ``timeout_s`` ran out first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def Generate(  # noqa: N802 (gRPC method name)
+        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        log_id = request_id_from_context(context) or request.request_id or f"gen-{uuid.uuid4().hex}"
+        bind_request_id(log_id)
+        engine_id = self._unique_engine_id(request.request_id or log_id)
+        try:
+            if self._draining:
+                raise Unavailable("the worker is draining; retry on another worker")
+            engine_request = request_from_proto(request, engine_id)
+        except TandemError as error:
+            self._metrics.observe_request("rejected")
+            await context.abort(*_refusal(error))
+        self._running_ids.add(engine_id)
+        self._idle.clear()
+        outputs = self._engine.generate(engine_request)
+        outcome = "abort"  # what remains if the client goes away
+        last: RequestOutput | None = None
+        try:
+            try:
+                # The engine refuses a request (too long, queue full) before its first output.
+                last = await anext(outputs)
+            except TandemError as error:
+                outcome = "rejected"
+                await context.abort(*_refusal(error))
+            except Exception as error:
+                outcome = "error"
+                log.exception("generate failed before the first token")
+                # Callers re-route on UNAVAILABLE, which fits a dead engine but not a bug.
+                code = grpc.StatusCode.INTERNAL if self._engine.healthy() else grpc.StatusCode.UNAVAILABLE
+                await context.abort(code, f"the engine failed: {error}")
+            assert last is not None  # context.abort raises
+            outcome = "error"  # until the stream finishes
+            try:
+                yield response_from_output(last)
+                while not last.finished:
+                    last = await anext(outputs)
+                    yield response_from_output(last)
+                outcome = last.finish_reason.value if last.finish_reason else "stop"
+            except StopAsyncIteration:
+                yield error_response(RuntimeError("the engine ended the stream before the request finished"), last)
+            except Exception as error:  # a per-item failure travels inside the stream
+                log.exception("generate failed mid-stream")
+                yield error_response(error, last)
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "abort"
+            raise
+        finally:
+            # Cancellation or a broken stream: closing the engine's iterator aborts the request
+            # and frees its KV blocks before the next step.
+            await outputs.aclose()  # type: ignore[attr-defined]
+            self._running_ids.discard(engine_id)
+            if not self._running_ids:
+                self._idle.set()
+            self._metrics.observe_request(outcome)
+            log.debug("generate finished", outcome=outcome, num_output_tokens=last.num_output_tokens if last else 0)
+
+    def _unique_engine_id(self, request_id: str) -> str:
+        # Clients may reuse ids (a retried x-request-id); the engine needs them unique.
+        if request_id not in self._running_ids:
+            return request_id
+        return f"{request_id}-{uuid.uuid4().hex[:8]}"
+
+    async def GetStats(  # noqa: N802
+        self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.GetStatsResponse:
+        return stats_response(self._engine.stats(), self._engine.model_name)
+
+
+def _refusal(error: TandemError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """Status code, message naming the field, and trailing metadata carrying it, for ``context.abort``."""
+    field = wire_field(error.field)
+    code = next((code for kind, code in _STATUS.items() if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
+    message = f"{field}: {error.message}" if field else error.message
+    log.info("generate refused", code=code.name, reason=message)
+    return code, message, (((ERROR_FIELD_KEY, field),) if field else ())

@@ -1,0 +1,167 @@
+"""A real decode worker (HFEngine, real model) on port 0 in-process, registered with an in-process router."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.decode.config import DecodeConfig
+from services.decode.server import DecodeWorker, serve
+from services.router.config import RouterConfig
+from services.router.server import RunningRouter
+from services.router.server import serve as serve_router
+from tandem.proto.common.v1 import common_pb2
+from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
+from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+
+MAX_MODEL_LEN = 32
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def router() -> AsyncIterator[RunningRouter]:
+    running = await serve_router(RouterConfig(host="127.0.0.1", port=0, metrics_port=0))
+    yield running
+    await running.stop(grace_s=0)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def worker(model_path: Path, router: RunningRouter) -> AsyncIterator[DecodeWorker]:
+    config = DecodeConfig(
+        host="127.0.0.1", port=0, metrics_port=0, router_address=router.address, model=str(model_path),
+        num_threads=1, num_kv_blocks=32, max_model_len=MAX_MODEL_LEN, max_num_seqs=4, max_queue_len=4,
+    )
+    running = await serve(config)
+    yield running
+    await running.stop(drain_timeout_s=1)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stub(worker: DecodeWorker) -> AsyncIterator[worker_pb2_grpc.WorkerServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+        yield worker_pb2_grpc.WorkerServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def generate_request(token_ids: list[int], request_id: str = "req", **sampling: Any) -> worker_pb2.GenerateRequest:
+    return worker_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=token_ids,
+                                      sampling=common_pb2.SamplingParams(**sampling))
+
+
+async def stats(stub: worker_pb2_grpc.WorkerServiceStub) -> worker_pb2.GetStatsResponse:
+    return await stub.GetStats(worker_pb2.GetStatsRequest())
+
+
+async def test_serving_once_the_model_is_loaded(worker: DecodeWorker) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{worker.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "tandem.worker.v1.WorkerService"):
+            response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_greedy_stream_matches_transformers(stub: worker_pb2_grpc.WorkerServiceStub, model_path: Path,
+                                                  tokenizer: Any, worker: DecodeWorker) -> None:
+    from transformers import AutoModelForCausalLM
+
+    prompt = tokenizer("The capital of France is")["input_ids"]
+    responses = [r async for r in stub.Generate(generate_request(prompt, max_tokens=8, temperature=0.0))]
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    assert [t for r in responses for t in r.delta.token_ids] == expected
+    assert "".join(r.delta.text for r in responses) == tokenizer.decode(expected)
+    assert all(r.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+    last = responses[-1]
+    assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(prompt), 8)
+    assert worker.metrics.requests.labels(outcome="length")._value.get() >= 1
+    assert (worker.metrics.registry.get_sample_value("tandem_worker_step_batch_size_count") or 0) >= 8
+
+
+async def test_unset_max_tokens_runs_until_the_context_is_full(stub: worker_pb2_grpc.WorkerServiceStub,
+                                                               tokenizer: Any) -> None:
+    prompt = tokenizer("Count: 1, 2, 3,")["input_ids"]
+    request = worker_pb2.GenerateRequest(
+        request_id="no-limit", prompt_token_ids=prompt,
+        sampling=common_pb2.SamplingParams(temperature=0.0, ignore_eos=True),  # no max_tokens
+    )
+    responses = [r async for r in stub.Generate(request)]
+    assert responses[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert responses[-1].usage.completion_tokens == MAX_MODEL_LEN - len(prompt)
+
+
+async def test_cancelling_the_call_frees_the_kv_blocks(stub: worker_pb2_grpc.WorkerServiceStub,
+                                                       tokenizer: Any, worker: DecodeWorker) -> None:
+    prompt = tokenizer("Tell me a long story about a dragon.")["input_ids"]
+    call = stub.Generate(generate_request(prompt, request_id="to-cancel", temperature=0.0, ignore_eos=True))
+    await call.read()
+    await call.read()
+    assert (await stats(stub)).load.num_kv_blocks_used > 0
+    call.cancel()
+    deadline = time.monotonic() + 5
+    while (load := (await stats(stub)).load).num_kv_blocks_used or load.num_running:
+        assert time.monotonic() < deadline, load
+        await asyncio.sleep(0.02)
+    assert worker.metrics.requests.labels(outcome="abort")._value.get() >= 1
+
+
+async def test_too_long_prompt_is_invalid_argument_naming_the_field(stub: worker_pb2_grpc.WorkerServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in stub.Generate(generate_request([1] * MAX_MODEL_LEN, max_tokens=4)):
+            pass
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (raised.value.details() or "").startswith("prompt_token_ids: ")
+    assert ("tandem-error-field", "prompt_token_ids") in tuple(raised.value.trailing_metadata() or ())
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [({"top_p": 0.0}, "sampling.top_p"), ({"max_tokens": 0}, "sampling.max_tokens")],
+)
+async def test_invalid_sampling_names_the_field(stub: worker_pb2_grpc.WorkerServiceStub,
+                                                sampling: dict[str, Any], field: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in stub.Generate(generate_request([1, 2, 3], **sampling)):
+            pass
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (raised.value.details() or "").startswith(f"{field}: ")
+
+
+async def test_get_stats_describes_the_worker(stub: worker_pb2_grpc.WorkerServiceStub) -> None:
+    response = await stats(stub)
+    assert (response.model, response.max_model_len, response.block_size) == ("SmolLM2-135M-Instruct",
+                                                                             MAX_MODEL_LEN, 16)
+    assert response.load.num_kv_blocks_total == 32
+    assert response.num_prefix_cache_queries > 0
+
+
+async def test_registered_with_the_router_under_its_bound_port(router: RunningRouter, worker: DecodeWorker) -> None:
+    assert worker.registration is not None
+    await worker.registration.wait_registered(5)
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        router_stub = router_pb2_grpc.RouterServiceStub(channel)
+        (status,) = (await router_stub.ListWorkers(router_pb2.ListWorkersRequest())).workers
+        assert status.info.worker_id == f"decode-127.0.0.1-{worker.port}"
+        assert status.info.address == f"127.0.0.1:{worker.port}"
+        assert (status.info.model, status.info.max_model_len, status.healthy) == ("SmolLM2-135M-Instruct",
+                                                                                  MAX_MODEL_LEN, True)
+        assert status.load.num_kv_blocks_total == 32  # a load report has arrived
+        route = await router_stub.Route(router_pb2.RouteRequest(request_id="r", model="SmolLM2-135M-Instruct",
+                                                                token_ids=[1, 2]))
+        assert route.address == worker.address
