@@ -29,7 +29,7 @@ class FakeWorker:
     """A worker reduced to its registration stream: register, report loads, hang up."""
 
     def __init__(self, stub: router_pb2_grpc.RouterServiceStub, worker_id: str, model: str = "m",
-                 role: int = router_pb2.WORKER_ROLE_DECODE) -> None:
+                 role: router_pb2.WorkerRole = router_pb2.WORKER_ROLE_DECODE) -> None:
         self.info = router_pb2.WorkerInfo(worker_id=worker_id, role=role, address=f"127.0.0.1:{next(_ports)}",
                                           model=model, max_model_len=2048, block_size=16)
         self._stub = stub

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 
 import pytest
 
@@ -154,7 +155,7 @@ class _FavouriteScorer:
     def __init__(self, favourite: str) -> None:
         self.favourite = favourite
 
-    def score(self, context: RouteContext, workers: list[WorkerSnapshot]) -> dict[str, float]:
+    def score(self, context: RouteContext, workers: Sequence[WorkerSnapshot]) -> dict[str, float]:
         return {w.worker_id: 5.0 if w.worker_id == self.favourite else -1.0 for w in workers}
 
 
