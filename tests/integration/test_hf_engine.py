@@ -169,3 +169,42 @@ async def test_small_pool_makes_requests_wait_not_fail(model_path: Path) -> None
         assert_idle(eng)
     finally:
         await eng.shutdown()
+
+
+async def test_prefill_export_import_continues_token_identically(engine, model_path: Path) -> None:  # type: ignore[no-untyped-def]
+    decode = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=128))
+    await decode.start()
+    try:
+        ids = engine.tokenizer("Notes: " + " ".join(f"note {i} is short." for i in range(60)) + " In sum,")["input_ids"]
+        sampling = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        expected = tokens_of((await collect(decode, "agg", ids, max_tokens=12, temperature=0, ignore_eos=True))[0])
+        await decode.shutdown()
+        decode = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=128))
+        await decode.start()  # a fresh pool: every block must come over
+
+        prefilled = await engine.prefill(EngineRequest("pre", ids, sampling))
+        assert engine.stats().num_kv_blocks_used == len(prefilled.block_ids) > 0
+        reservation = await decode.reserve_kv(EngineRequest("dec", ids, sampling))
+        assert reservation is not None and reservation.num_cached_tokens == 0
+
+        async def load(r):  # type: ignore[no-untyped-def]
+            layers = engine.kv_layout().num_layers
+            decode.write_kv(r, 0, 0, engine.read_kv(prefilled.block_ids, 0, layers))
+
+        outs = [o async for o in decode.generate_imported(EngineRequest("dec", ids, sampling), reservation,
+                                                          prefilled.first_token_id, load)]
+        assert tokens_of(outs) == expected
+        await engine.release_kv("pre")
+
+        async def broken(r):  # type: ignore[no-untyped-def]
+            raise ConnectionError("prefill worker gone")
+
+        again = await decode.reserve_kv(EngineRequest("dec2", ids, sampling))
+        outs = [o async for o in decode.generate_imported(EngineRequest("dec2", ids, sampling), again,
+                                                          prefilled.first_token_id, broken)]
+        assert tokens_of(outs) == expected  # fell back to a local prefill, same output
+        await asyncio.sleep(0.1)
+        assert_idle(engine)
+        assert_idle(decode)
+    finally:
+        await decode.shutdown()
