@@ -93,7 +93,10 @@ class DecodeWorker:
     async def _watch(self) -> None:
         """Refresh the load gauges; report NOT_SERVING (and leave the router) once the engine dies."""
         while True:
-            self.metrics.observe_stats(self.engine.stats())
+            try:
+                self.metrics.observe_stats(self.engine.stats())
+            except Exception:  # a stats bug must not stop the health check below
+                log.exception("engine stats failed")
             if self._serving and not self.engine.healthy():
                 log.error("engine is no longer healthy; reporting NOT_SERVING")
                 await self._set_serving(False)
@@ -121,6 +124,8 @@ async def serve(config: DecodeConfig, *, engine_factory: EngineFactory = create_
         log.info("loading engine", model=str(model_path), engine=config.engine, port=grpc_service.port)
         await engine.start()
     except BaseException:
+        with contextlib.suppress(Exception):  # free what a half-started engine holds
+            await engine.shutdown()
         await grpc_service.stop(0)
         if metrics_server is not None:
             metrics_server.shutdown()

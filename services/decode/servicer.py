@@ -74,12 +74,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             await context.abort(*_refusal(error))
         self._running_ids.add(engine_id)
         self._idle.clear()
-        outputs = self._engine.generate(engine_request)
+        outputs: AsyncIterator[RequestOutput] | None = None
         outcome = "abort"  # what remains if the client goes away
         last: RequestOutput | None = None
         try:
             try:
                 # The engine refuses a request (too long, queue full) before its first output.
+                outputs = self._engine.generate(engine_request)
                 last = await anext(outputs)
             except TandemError as error:
                 outcome = "rejected"
@@ -90,7 +91,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 # Callers re-route on UNAVAILABLE, which fits a dead engine but not a bug.
                 code = grpc.StatusCode.INTERNAL if self._engine.healthy() else grpc.StatusCode.UNAVAILABLE
                 await context.abort(code, f"the engine failed: {error}")
-            assert last is not None  # context.abort raises
+            assert outputs is not None and last is not None  # context.abort raises
             outcome = "error"  # until the stream finishes
             try:
                 yield response_from_output(last)
@@ -109,7 +110,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         finally:
             # Cancellation or a broken stream: closing the engine's iterator aborts the request
             # and frees its KV blocks before the next step.
-            await outputs.aclose()  # type: ignore[attr-defined]
+            if outputs is not None:
+                await outputs.aclose()  # type: ignore[attr-defined]
             self._running_ids.discard(engine_id)
             if not self._running_ids:
                 self._idle.set()
