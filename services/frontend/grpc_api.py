@@ -10,7 +10,7 @@ import grpc
 import structlog
 from aiohttp import web
 
-from services.frontend.pipeline import GenerationRequest, Pipeline
+from services.frontend.pipeline import GenerationRequest, Pipeline, is_valid_request_id
 from services.frontend.wire import finish_reason_to_proto, sampling_from_proto
 from tandem.errors import InvalidRequest, TandemError
 from tandem.grpc_server import request_id_from_context
@@ -57,6 +57,8 @@ class GenerationApi(api_pb2_grpc.GenerationServiceServicer):
         request_id = request.request_id or request_id_from_context(context) or f"gen-{uuid.uuid4().hex}"
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
+                if not is_valid_request_id(request_id):
+                    raise InvalidRequest("request_id must be 1-128 printable ASCII characters", "request_id")
                 generation = self._prepare(request, request_id)
             except TandemError as exc:
                 self.pipeline.metrics.count_request(self.pipeline.model_name, ENDPOINT, "stream", exc.code)

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.frontend import openai_responses as responses
 from services.frontend import sse
 from services.frontend.openai_protocol import parse_chat_request, parse_completion_request
-from services.frontend.pipeline import GenerationRequest, Pipeline
+from services.frontend.pipeline import GenerationRequest, Pipeline, is_valid_request_id
 from tandem.engine.types import RequestOutput
 from tandem.errors import InvalidRequest, TandemError
 from tandem.telemetry.logging import REQUEST_ID_HEADER
@@ -30,7 +30,7 @@ MAX_BODY_BYTES = 32 * 1024 * 1024  # a full-context token-id prompt as JSON is w
 
 def request_id_for(header_value: str | None) -> str:
     """The client's x-request-id when it is safe to forward as gRPC metadata, else a fresh one."""
-    if header_value and len(header_value) <= 128 and all(33 <= ord(c) <= 126 for c in header_value):
+    if header_value and is_valid_request_id(header_value):
         return header_value
     return f"cmpl-{uuid.uuid4().hex}"
 
@@ -170,9 +170,9 @@ class OpenAIHttpApi:
                 "Content-Type": sse.CONTENT_TYPE, "Cache-Control": "no-cache",
                 REQUEST_ID_HEADER: request[REQUEST_ID],
             })
-            await response.prepare(request)
             first = True
             try:
+                await response.prepare(request)
                 while True:
                     for chunk in chunks(output, first):
                         await response.write(sse.encode_event(chunk))

@@ -62,7 +62,8 @@ class Pipeline:
     """Shared by the OpenAI HTTP, native gRPC and KServe APIs; one per frontend process.
 
     The synchronous helpers (check_model, tokenize, apply_chat_template, validate_prompt)
-    raise tandem.errors with the request field at fault; ``generate`` streams the outputs.
+    raise tandem.errors with the request field at fault; ``generate`` streams the outputs and
+    trusts that the caller ran validate_prompt first.
     """
 
     def __init__(
@@ -261,6 +262,11 @@ class Pipeline:
             if worker.healthy and worker.info.role != router_pb2.WORKER_ROLE_PREFILL
             and (not worker.info.model or worker.info.model == self.model_name)
         )
+
+
+def is_valid_request_id(value: str) -> bool:
+    """Request ids travel as gRPC metadata, which takes printable ASCII only."""
+    return 0 < len(value) <= 128 and all(33 <= ord(c) <= 126 for c in value)
 
 
 def _load_tokenizer(model_path: Path) -> tuple[Any, int]:

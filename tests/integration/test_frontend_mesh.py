@@ -379,6 +379,7 @@ def test_native_token_id_prompt_and_list_models(native: Any, mesh: Mesh) -> None
 @pytest.mark.parametrize(("request_fields", "code", "field"), [
     ({"model": "nope", "text": "x"}, grpc.StatusCode.NOT_FOUND, "model"),
     ({}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ({"text": "x", "request_id": "has space"}, grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
     ({"text": "x", "sampling": common_pb2.SamplingParams(top_p=1.5)}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     ({"token_ids": api_pb2.TokenIds(ids=[1] * 300)}, grpc.StatusCode.INVALID_ARGUMENT, str(MAX_MODEL_LEN)),
 ])
