@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -47,7 +47,7 @@ class ScriptedPipeline(Pipeline):
         self.healthy = True
         self.delay_s = 0.01
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         self.requests.append(request)
         if bytes(request.prompt_token_ids).startswith(b"fail"):
             raise Unavailable(f"no healthy worker for model '{MODEL}'")

@@ -104,7 +104,7 @@ async def test_tritonclient_http_aio_infer(http_url: str) -> None:
 async def test_generate_extension(http_url: str, pipeline: ScriptedPipeline) -> None:
     base = f"http://{http_url}/v2/models/{MODEL}"
     async with aiohttp.ClientSession() as session:
-        body = {"id": "g1", "text_input": "Hi", "parameters": {"max_tokens": 2, "temperature": 0}}
+        body: dict[str, Any] = {"id": "g1", "text_input": "Hi", "parameters": {"max_tokens": 2, "temperature": 0}}
         async with session.post(f"{base}/generate", json=body) as response:
             assert response.status == 200
             assert await response.json() == {"model_name": MODEL, "model_version": "1", "id": "g1",

@@ -82,8 +82,11 @@ class KServeHttp:
         return web.json_response(model_config(self.frontend.model_name, self.frontend.pipeline.max_model_len))
 
     async def repository_index(self, request: web.Request) -> web.Response:
+        try:
+            body = await _json_body(request, allow_empty=True)
+        except TandemError as exc:
+            return error_response(exc)
         ready = await self.frontend.ready()
-        body = await _json_body(request, allow_empty=True)
         if not ready and isinstance(body, dict) and body.get("ready") is True:
             return web.json_response([])
         return web.json_response([{"name": self.frontend.model_name, "version": MODEL_VERSION,

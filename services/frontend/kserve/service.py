@@ -4,7 +4,7 @@ running it to one whole completion or a stream of deltas, readiness, and error m
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -119,7 +119,7 @@ class KServeFrontend:
             return chunk.tensors
         raise TandemError("the request ended without output")  # run() always yields once
 
-    async def run(self, prepared: Prepared, *, stream: bool) -> AsyncIterator[Chunk]:
+    async def run(self, prepared: Prepared, *, stream: bool) -> AsyncGenerator[Chunk, None]:
         """``stream``: one chunk per token delta; else one chunk with the whole text.
 
         The last chunk has final=True. Pipeline errors (Unavailable, ...) propagate.
