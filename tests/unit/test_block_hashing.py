@@ -72,3 +72,10 @@ def test_the_engine_publishes_the_hashes_the_router_computes() -> None:
     block_hashes: list[int] = []
     manager.register(block_ids, tokens, block_hashes)
     assert events == [("stored", hash_blocks(tokens, 4))]
+
+
+def test_a_protobuf_repeated_field_hashes_like_a_list() -> None:
+    from tandem.proto.router.v1 import router_pb2
+
+    tokens = list(range(3, 3 + 40 * 16 + 5))  # more than one conversion chunk
+    assert hash_blocks(router_pb2.RouteRequest(token_ids=tokens).token_ids, 16) == hash_blocks(tokens, 16)
