@@ -13,37 +13,64 @@ class WorkerRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_ROLE_UNSPECIFIED: _ClassVar[WorkerRole]
     WORKER_ROLE_DECODE: _ClassVar[WorkerRole]
     WORKER_ROLE_PREFILL: _ClassVar[WorkerRole]
+
+class KvEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_EVENT_KIND_UNSPECIFIED: _ClassVar[KvEventKind]
+    KV_EVENT_KIND_STORED: _ClassVar[KvEventKind]
+    KV_EVENT_KIND_REMOVED: _ClassVar[KvEventKind]
+    KV_EVENT_KIND_CLEARED: _ClassVar[KvEventKind]
 WORKER_ROLE_UNSPECIFIED: WorkerRole
 WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_PREFILL: WorkerRole
+KV_EVENT_KIND_UNSPECIFIED: KvEventKind
+KV_EVENT_KIND_STORED: KvEventKind
+KV_EVENT_KIND_REMOVED: KvEventKind
+KV_EVENT_KIND_CLEARED: KvEventKind
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "max_model_len", "block_size")
+    __slots__ = ("worker_id", "role", "address", "model", "max_model_len", "block_size", "publishes_kv_events")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHES_KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
     model: str
     max_model_len: int
     block_size: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+    publishes_kv_events: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., publishes_kv_events: _Optional[bool] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "model", "token_ids", "exclude_worker_ids")
+    __slots__ = ("request_id", "model", "token_ids", "exclude_worker_ids", "overrides", "block_hashes", "block_size")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     exclude_worker_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., exclude_worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    overrides: RoutingOverrides
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    block_size: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., exclude_worker_ids: _Optional[_Iterable[str]] = ..., overrides: _Optional[_Union[RoutingOverrides, _Mapping]] = ..., block_hashes: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class RoutingOverrides(_message.Message):
+    __slots__ = ("kv_overlap_weight", "kv_temperature")
+    KV_OVERLAP_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    KV_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    kv_overlap_weight: float
+    kv_temperature: float
+    def __init__(self, kv_overlap_weight: _Optional[float] = ..., kv_temperature: _Optional[float] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
     __slots__ = ("worker_id", "address")
@@ -54,18 +81,60 @@ class RouteResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("register", "load")
+    __slots__ = ("register", "load", "kv_events", "kv_snapshot", "progress")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    KV_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     register: WorkerInfo
     load: _worker_pb2.WorkerLoad
-    def __init__(self, register: _Optional[_Union[WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[_worker_pb2.WorkerLoad, _Mapping]] = ...) -> None: ...
+    kv_events: KvEventBatch
+    kv_snapshot: KvSnapshotChunk
+    progress: RequestProgress
+    def __init__(self, register: _Optional[_Union[WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[_worker_pb2.WorkerLoad, _Mapping]] = ..., kv_events: _Optional[_Union[KvEventBatch, _Mapping]] = ..., kv_snapshot: _Optional[_Union[KvSnapshotChunk, _Mapping]] = ..., progress: _Optional[_Union[RequestProgress, _Mapping]] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
-    __slots__ = ("registered",)
+    __slots__ = ("registered", "send_kv_snapshot")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    SEND_KV_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     registered: bool
-    def __init__(self, registered: _Optional[bool] = ...) -> None: ...
+    send_kv_snapshot: bool
+    def __init__(self, registered: _Optional[bool] = ..., send_kv_snapshot: _Optional[bool] = ...) -> None: ...
+
+class KvEvent(_message.Message):
+    __slots__ = ("event_id", "kind", "block_hashes")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    event_id: int
+    kind: KvEventKind
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, event_id: _Optional[int] = ..., kind: _Optional[_Union[KvEventKind, str]] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KvEventBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[KvEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[KvEvent, _Mapping]]] = ...) -> None: ...
+
+class KvSnapshotChunk(_message.Message):
+    __slots__ = ("last_event_id", "block_hashes", "more")
+    LAST_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    last_event_id: int
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    more: bool
+    def __init__(self, last_event_id: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., more: _Optional[bool] = ...) -> None: ...
+
+class RequestProgress(_message.Message):
+    __slots__ = ("first_token_request_ids", "finished_request_ids")
+    FIRST_TOKEN_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    first_token_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    finished_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, first_token_request_ids: _Optional[_Iterable[str]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()

@@ -64,7 +64,8 @@ class RouterServiceServicer:
 
     def RegisterWorker(self, request_iterator, context):
         """A worker's lifetime in the embedded registry: the first message registers
-        it, later ones report its load; when the stream ends the worker is removed.
+        it, later ones report its load, its KV cache events and its requests'
+        progress; when the stream ends the worker is removed with its KV blocks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
