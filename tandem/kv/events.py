@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import threading
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -45,8 +45,8 @@ class KvSnapshot:
 class KvEventSource(Protocol):
     """An engine that can publish its prefix cache; one that cannot is routed approximately."""
 
-    def kv_events(self) -> AsyncIterator[KvEvent]:
-        """Events recorded from the call on, until the caller stops iterating. Never blocks the engine."""
+    def kv_events(self) -> KvSubscription:
+        """Events recorded from this call on, until closed (``KvEventLog.subscribe``)."""
         ...
 
     def kv_snapshot(self) -> KvSnapshot:
@@ -108,21 +108,22 @@ class KvEventLog:
         with self._lock:
             return KvSnapshot(self._last_event_id, tuple(self._cached))
 
-    async def subscribe(self) -> AsyncIterator[KvEvent]:
-        """Events recorded from now on, in order, until the consumer stops iterating.
+    def subscribe(self) -> KvSubscription:
+        """Events recorded from this call on, in order, until the subscription is closed.
 
-        Take ``snapshot()`` after subscribing to start from a complete picture: events up to the
-        snapshot's ``last_event_id`` are already in it and can be skipped.
+        Registered at once (not at the first ``anext``), so a ``snapshot()`` taken right after
+        subscribing misses nothing: events up to its ``last_event_id`` are in it and the
+        subscription's later ones follow on. Call from the loop that will iterate.
         """
         queue: asyncio.Queue[KvEvent] = asyncio.Queue()
         entry = (asyncio.get_running_loop(), queue)
         with self._lock:
             self._subscribers.append(entry)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            with self._lock:
+        return KvSubscription(self, entry)
+
+    def _unsubscribe(self, entry: tuple[asyncio.AbstractEventLoop, asyncio.Queue[KvEvent]]) -> None:
+        with self._lock:
+            if entry in self._subscribers:
                 self._subscribers.remove(entry)
 
     def _offer(self, queue: asyncio.Queue[KvEvent], event: KvEvent) -> None:
@@ -130,3 +131,29 @@ class KvEventLog:
             self.num_dropped += 1
             return
         queue.put_nowait(event)
+
+
+class KvSubscription:
+    """An async iterator over one subscriber's events; ``aclose()`` (or ``close()``) ends it."""
+
+    def __init__(self, log: KvEventLog,
+                 entry: tuple[asyncio.AbstractEventLoop, asyncio.Queue[KvEvent]]) -> None:
+        self._log = log
+        self._entry = entry
+
+    def __aiter__(self) -> KvSubscription:
+        return self
+
+    async def __anext__(self) -> KvEvent:
+        return await self._entry[1].get()
+
+    def get_nowait(self) -> KvEvent | None:
+        """The next queued event, or None; lets a publisher batch what has piled up."""
+        queue = self._entry[1]
+        return None if queue.empty() else queue.get_nowait()
+
+    def close(self) -> None:
+        self._log._unsubscribe(self._entry)
+
+    async def aclose(self) -> None:
+        self.close()

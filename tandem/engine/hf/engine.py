@@ -33,7 +33,7 @@ from tandem.engine.types import (
     StepInfo,
 )
 from tandem.errors import InvalidRequest, ResourceExhausted
-from tandem.kv.events import KvEvent, KvEventLog, KvSnapshot
+from tandem.kv.events import KvEventLog, KvSnapshot, KvSubscription
 from tandem.models import served_model_name
 
 log = structlog.get_logger(__name__)
@@ -332,7 +332,7 @@ class HFEngine:
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
-    def kv_events(self) -> AsyncIterator[KvEvent]:
+    def kv_events(self) -> KvSubscription:
         """Blocks stored / removed / cleared from now on, numbered 1, 2, ... per engine."""
         return self._kv_events.subscribe()
 
