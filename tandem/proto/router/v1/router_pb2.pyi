@@ -20,6 +20,13 @@ class KvEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KV_EVENT_KIND_STORED: _ClassVar[KvEventKind]
     KV_EVENT_KIND_REMOVED: _ClassVar[KvEventKind]
     KV_EVENT_KIND_CLEARED: _ClassVar[KvEventKind]
+
+class WorkerFailureKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_FAILURE_KIND_UNSPECIFIED: _ClassVar[WorkerFailureKind]
+    WORKER_FAILURE_KIND_UNREACHABLE: _ClassVar[WorkerFailureKind]
+    WORKER_FAILURE_KIND_STALLED: _ClassVar[WorkerFailureKind]
+    WORKER_FAILURE_KIND_STREAM_BROKEN: _ClassVar[WorkerFailureKind]
 WORKER_ROLE_UNSPECIFIED: WorkerRole
 WORKER_ROLE_DECODE: WorkerRole
 WORKER_ROLE_PREFILL: WorkerRole
@@ -27,6 +34,10 @@ KV_EVENT_KIND_UNSPECIFIED: KvEventKind
 KV_EVENT_KIND_STORED: KvEventKind
 KV_EVENT_KIND_REMOVED: KvEventKind
 KV_EVENT_KIND_CLEARED: KvEventKind
+WORKER_FAILURE_KIND_UNSPECIFIED: WorkerFailureKind
+WORKER_FAILURE_KIND_UNREACHABLE: WorkerFailureKind
+WORKER_FAILURE_KIND_STALLED: WorkerFailureKind
+WORKER_FAILURE_KIND_STREAM_BROKEN: WorkerFailureKind
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "role", "address", "model", "max_model_len", "block_size", "publishes_kv_events")
@@ -147,11 +158,33 @@ class ListWorkersResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("info", "load", "healthy")
+    __slots__ = ("info", "load", "healthy", "unhealthy_reason")
     INFO_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    UNHEALTHY_REASON_FIELD_NUMBER: _ClassVar[int]
     info: WorkerInfo
     load: _worker_pb2.WorkerLoad
     healthy: bool
-    def __init__(self, info: _Optional[_Union[WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[_worker_pb2.WorkerLoad, _Mapping]] = ..., healthy: _Optional[bool] = ...) -> None: ...
+    unhealthy_reason: str
+    def __init__(self, info: _Optional[_Union[WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[_worker_pb2.WorkerLoad, _Mapping]] = ..., healthy: _Optional[bool] = ..., unhealthy_reason: _Optional[str] = ...) -> None: ...
+
+class ReportWorkerFailureRequest(_message.Message):
+    __slots__ = ("worker_id", "address", "kind", "detected_after_s", "detail")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DETECTED_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    address: str
+    kind: WorkerFailureKind
+    detected_after_s: float
+    detail: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., kind: _Optional[_Union[WorkerFailureKind, str]] = ..., detected_after_s: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ReportWorkerFailureResponse(_message.Message):
+    __slots__ = ("quarantined",)
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
+    quarantined: bool
+    def __init__(self, quarantined: _Optional[bool] = ...) -> None: ...

@@ -49,6 +49,11 @@ class RouterServiceStub:
                 request_serializer=tandem_dot_router_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.ReportWorkerFailure = channel.unary_unary(
+                '/tandem.router.v1.RouterService/ReportWorkerFailure',
+                request_serializer=tandem_dot_router_dot_v1_dot_router__pb2.ReportWorkerFailureRequest.SerializeToString,
+                response_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.ReportWorkerFailureResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -78,6 +83,14 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportWorkerFailure(self, request, context):
+        """A caller (the frontend) saw a worker fail: take it out of routing at once,
+        before the registry notices; a later healthy check brings it back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +108,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.ListWorkersRequest.FromString,
                     response_serializer=tandem_dot_router_dot_v1_dot_router__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'ReportWorkerFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportWorkerFailure,
+                    request_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.ReportWorkerFailureRequest.FromString,
+                    response_serializer=tandem_dot_router_dot_v1_dot_router__pb2.ReportWorkerFailureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +196,33 @@ class RouterService:
             '/tandem.router.v1.RouterService/ListWorkers',
             tandem_dot_router_dot_v1_dot_router__pb2.ListWorkersRequest.SerializeToString,
             tandem_dot_router_dot_v1_dot_router__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportWorkerFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.router.v1.RouterService/ReportWorkerFailure',
+            tandem_dot_router_dot_v1_dot_router__pb2.ReportWorkerFailureRequest.SerializeToString,
+            tandem_dot_router_dot_v1_dot_router__pb2.ReportWorkerFailureResponse.FromString,
             options,
             channel_credentials,
             insecure,
