@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,13 @@ class RouterConfig:
     worker_stale_s: float = 5.0
     # How long stop() waits for in-flight Route calls before cancelling them.
     grace_s: float = 5.0
+    # kv policy: cost = overlap_weight x blocks to prefill + decode blocks; see policy/README.md.
+    kv_overlap_weight: float = 1.0
+    kv_temperature: float = 0.0
+    # Predict every worker's cache from routing decisions, ignoring their KV events.
+    kv_approximate: bool = False
+    # Approximate mode: how long a routed prefix is assumed to stay cached.
+    kv_approx_ttl_s: float = 120.0
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -37,6 +45,12 @@ class RouterConfig:
             raise bad("worker_stale_s", f"must be > 0, got {self.worker_stale_s}")
         if not self.grace_s >= 0:
             raise bad("grace_s", f"must be >= 0, got {self.grace_s}")
+        if not (self.kv_overlap_weight >= 0 and math.isfinite(self.kv_overlap_weight)):
+            raise bad("kv_overlap_weight", f"must be >= 0, got {self.kv_overlap_weight}")
+        if not (self.kv_temperature >= 0 and math.isfinite(self.kv_temperature)):
+            raise bad("kv_temperature", f"must be >= 0, got {self.kv_temperature}")
+        if not self.kv_approx_ttl_s > 0:
+            raise bad("kv_approx_ttl_s", f"must be > 0, got {self.kv_approx_ttl_s}")
 
 
 def _env(environ: Mapping[str, str], name: str, default: object) -> str:
@@ -63,12 +77,26 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
                         help="seconds of registration-stream silence before a worker is unhealthy")
     parser.add_argument("--grace-s", type=float, default=_env(env, "TANDEM_ROUTER_GRACE_S", defaults.grace_s),
                         help="seconds to finish in-flight calls on shutdown")
+    parser.add_argument("--kv-overlap-weight", type=float,
+                        default=_env(env, "TANDEM_ROUTER_KV_OVERLAP_WEIGHT", defaults.kv_overlap_weight),
+                        help="kv policy: weight of a block to prefill against a decode block")
+    parser.add_argument("--kv-temperature", type=float,
+                        default=_env(env, "TANDEM_ROUTER_KV_TEMPERATURE", defaults.kv_temperature),
+                        help="kv policy: softmax temperature over normalised costs; 0 picks the lowest")
+    parser.add_argument("--kv-approximate", action="store_true",
+                        default=env.get("TANDEM_ROUTER_KV_APPROXIMATE", "0") == "1",
+                        help="kv policy: predict caches from routing decisions, ignoring KV events")
+    parser.add_argument("--kv-approx-ttl-s", type=float,
+                        default=_env(env, "TANDEM_ROUTER_KV_APPROX_TTL_S", defaults.kv_approx_ttl_s),
+                        help="approximate mode: seconds a routed prefix is assumed cached")
     # argparse runs `type` on string defaults too, so a bad environment value is reported here.
     args = parser.parse_args(argv)
     try:
         return RouterConfig(
             host=args.host, port=args.port, metrics_port=args.metrics_port, policy=args.policy,
             worker_stale_s=args.worker_stale_s, grace_s=args.grace_s,
+            kv_overlap_weight=args.kv_overlap_weight, kv_temperature=args.kv_temperature,
+            kv_approximate=args.kv_approximate, kv_approx_ttl_s=args.kv_approx_ttl_s,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -40,6 +40,11 @@ class ApproximateCache:
         self._expiry.setdefault(worker_id, OrderedDict())
         self._capacity[worker_id] = capacity_blocks or None
 
+    def set_capacity(self, worker_id: str, capacity_blocks: int) -> None:
+        """Learned from load reports; takes effect at the worker's next routed request."""
+        if worker_id in self._capacity:
+            self._capacity[worker_id] = capacity_blocks or None
+
     def remove_worker(self, worker_id: str) -> None:
         self._expiry.pop(worker_id, None)
         self._capacity.pop(worker_id, None)

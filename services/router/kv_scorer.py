@@ -50,12 +50,17 @@ class PromptBlocks:
 
     __slots__ = ("block_size", "num_blocks", "num_tokens", "_hashes", "_pending")
 
-    def __init__(self, token_ids: Sequence[int], block_size: int) -> None:
+    def __init__(self, token_ids: Sequence[int], block_size: int, known_hashes: Sequence[int] = ()) -> None:
+        """``known_hashes``: all of the prompt's hashes when the caller already computed them."""
         self.block_size = block_size
         self.num_tokens = len(token_ids)
         self.num_blocks = self.num_tokens // block_size
-        self._hashes: list[int] = []
-        self._pending = iter_block_hashes(token_ids, block_size)
+        if known_hashes and len(known_hashes) == self.num_blocks:
+            self._hashes: list[int] = list(known_hashes)
+            self._pending: Iterator[int] = iter(())
+        else:  # none, or not for this prompt: never trust a mismatched list
+            self._hashes = []
+            self._pending = iter_block_hashes(token_ids, block_size)
 
     def __iter__(self) -> Iterator[int]:
         yield from self._hashes
@@ -149,8 +154,12 @@ class KvRouter:
     # -- a decision ----------------------------------------------------------------------------
 
     def evaluate(self, token_ids: Sequence[int], candidates: Sequence[tuple[str, int]],
-                 weights: KvWeights | None = None) -> KvEvaluation:
-        """Cost of each ``(worker_id, block_size)`` candidate for a prompt of ``token_ids``."""
+                 weights: KvWeights | None = None, *, block_hashes: Sequence[int] = (),
+                 hashes_block_size: int = 0) -> KvEvaluation:
+        """Cost of each ``(worker_id, block_size)`` candidate for a prompt of ``token_ids``.
+
+        ``block_hashes`` (of ``hashes_block_size``-token blocks) saves hashing the prompt here.
+        """
         weights = weights or self.weights
         self.tracker.expire()
         self.approximate.expire()
@@ -162,7 +171,8 @@ class KvRouter:
         num_tokens = len(token_ids)
         tracker = self.tracker
         for block_size, worker_ids in by_size.items():
-            prompt = prompts[block_size] = PromptBlocks(token_ids, block_size)
+            known = block_hashes if block_size == hashes_block_size else ()
+            prompt = prompts[block_size] = PromptBlocks(token_ids, block_size, known)
             overlaps = self.index.overlaps(prompt, worker_ids)
             request_blocks = -(-num_tokens // block_size)
             for worker_id in worker_ids:

@@ -113,6 +113,10 @@ class EmbeddedRegistry:
         entry.last_seen_s = self._clock()
         return True
 
+    def is_current(self, worker_id: str, registration_id: int) -> bool:
+        """Whether this registration still owns the entry (a newer one of the worker has not replaced it)."""
+        return self._current(worker_id, registration_id) is not None
+
     def remove(self, worker_id: str, registration_id: int) -> bool:
         """Remove the entry if it still belongs to this registration (not a newer one)."""
         if self._current(worker_id, registration_id) is None:

@@ -11,6 +11,11 @@ import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.router.config import RouterConfig
+from services.router.kv_approx import ApproximateCache
+from services.router.kv_feed import KvFeed
+from services.router.kv_index import KvIndex
+from services.router.kv_metrics import KvMetrics
+from services.router.kv_scorer import KvRouter, KvWeights
 from services.router.metrics import RouterMetrics
 from services.router.policy import build_policy
 from services.router.registry import EmbeddedRegistry
@@ -32,6 +37,7 @@ class RunningRouter:
     metrics_port: int | None  # None when disabled
     metrics: RouterMetrics
     registry: EmbeddedRegistry
+    kv_feed: KvFeed
     _grpc: GrpcService
     _servicer: RouterServicer
     _metrics_server: WSGIServer | None
@@ -63,7 +69,14 @@ async def serve(config: RouterConfig, *, rng: random.Random | None = None) -> Ru
     """Bind, start and report SERVING. ``rng`` makes random tie-breaking repeatable in tests."""
     registry = EmbeddedRegistry(stale_after_s=config.worker_stale_s)
     metrics = RouterMetrics(CollectorRegistry())
-    servicer = RouterServicer(registry, build_policy(config.policy, rng), metrics)
+    # The KV view is kept whatever the policy (events are cheap); only `kv` routes by it.
+    kv_index = KvIndex()
+    kv = KvRouter(kv_index, approximate=ApproximateCache(kv_index, config.kv_approx_ttl_s),
+                  weights=KvWeights(config.kv_overlap_weight, config.kv_temperature), rng=rng)
+    kv_metrics = KvMetrics(metrics.registry)
+    kv_feed = KvFeed(kv, kv_metrics, approximate_only=config.kv_approximate)
+    policy = build_policy(config.policy, rng, kv=kv, kv_metrics=kv_metrics)
+    servicer = RouterServicer(registry, policy, metrics, kv_feed)
     grpc_service = GrpcService(config.host, config.port, [SERVICE_NAME])
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, grpc_service.server)
     metrics_server: WSGIServer | None = None
@@ -76,5 +89,5 @@ async def serve(config: RouterConfig, *, rng: random.Random | None = None) -> Ru
     log.info("router serving", port=grpc_service.port, metrics_port=metrics_port, policy=config.policy)
     return RunningRouter(
         config=config, port=grpc_service.port, metrics_port=metrics_port, metrics=metrics, registry=registry,
-        _grpc=grpc_service, _servicer=servicer, _metrics_server=metrics_server,
+        kv_feed=kv_feed, _grpc=grpc_service, _servicer=servicer, _metrics_server=metrics_server,
     )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 
 import grpc
 import structlog
 
+from services.router.kv_feed import KvFeed
 from services.router.metrics import RouterMetrics
 from services.router.policy import NoWorkerAvailable, RouteContext, RoutingPolicy
 from services.router.registry import EmbeddedRegistry, WorkerInfo, WorkerLoad, WorkerRole
@@ -64,10 +66,12 @@ def _load_to_proto(load: WorkerLoad) -> worker_pb2.WorkerLoad:
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, registry: EmbeddedRegistry, policy: RoutingPolicy, metrics: RouterMetrics) -> None:
+    def __init__(self, registry: EmbeddedRegistry, policy: RoutingPolicy, metrics: RouterMetrics,
+                 kv_feed: KvFeed | None = None) -> None:
         self._registry = registry
         self._policy = policy
         self._metrics = metrics
+        self._kv_feed = kv_feed
         # Set on shutdown: registration streams never end on their own, so they are ended here
         # rather than holding the server for its whole grace period.
         self._closing = asyncio.Event()
@@ -105,9 +109,17 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             raise InvalidRequest("request_id: must not be empty (or send x-request-id metadata)", "request_id")
         if not request.token_ids:
             raise InvalidRequest("token_ids: the prompt must have at least one token", "token_ids")
+        overrides = request.overrides
+        for name in ("kv_overlap_weight", "kv_temperature"):
+            value = getattr(overrides, name)
+            if overrides.HasField(name) and not (math.isfinite(value) and value >= 0):
+                raise InvalidRequest(f"overrides.{name}: must be a number >= 0, got {value}", f"overrides.{name}")
         return RouteContext(
             request_id=request_id, model=request.model, token_ids=request.token_ids,
             exclude_worker_ids=frozenset(request.exclude_worker_ids),
+            block_hashes=request.block_hashes, block_size=request.block_size,
+            kv_overlap_weight=overrides.kv_overlap_weight if overrides.HasField("kv_overlap_weight") else None,
+            kv_temperature=overrides.kv_temperature if overrides.HasField("kv_temperature") else None,
         )
 
     async def RegisterWorker(  # noqa: N802
@@ -142,6 +154,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     first = not worker_id
                     worker_id, registration_id = info.worker_id, self._registry.register(info)
                     self._metrics.registered_workers.set(len(self._registry))
+                    if self._kv_feed is not None:
+                        self._kv_feed.on_register(message.register)
                     log.info("worker registered", worker_id=worker_id, address=info.address,
                              model=info.model, role=info.role.value, replaced=replaced)
                     if first:
@@ -150,16 +164,40 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     if not worker_id:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                             "register: the first message must be a registration")
-                    self._registry.report_load(worker_id, registration_id, load_from_proto(message.load))
+                    current = self._registry.report_load(worker_id, registration_id, load_from_proto(message.load))
+                    if current and self._kv_feed is not None:
+                        self._kv_feed.on_load(worker_id, message.load.num_kv_blocks_used,
+                                              message.load.num_kv_blocks_total)
+                elif kind in ("kv_events", "kv_snapshot", "progress"):
+                    if not worker_id:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            "register: the first message must be a registration")
+                    if self._kv_feed is not None and self._registry.is_current(worker_id, registration_id):
+                        if self._kv_message(self._kv_feed, worker_id, message):
+                            yield router_pb2.RegisterWorkerResponse(send_kv_snapshot=True)
                 else:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "message: must be register or load")
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        "message: must be register, load, kv_events, kv_snapshot or progress")
         finally:
             closing.cancel()
             if next_message is not None:
                 next_message.cancel()  # a no-op once it is done
             if worker_id and self._registry.remove(worker_id, registration_id):
                 self._metrics.registered_workers.set(len(self._registry))
+                if self._kv_feed is not None:
+                    self._kv_feed.on_removed(worker_id)
                 log.info("worker removed", worker_id=worker_id)
+
+    @staticmethod
+    def _kv_message(feed: KvFeed, worker_id: str, message: router_pb2.RegisterWorkerRequest) -> bool:
+        """Feed one KV or progress message; True when the worker must send a snapshot."""
+        kind = message.WhichOneof("message")
+        if kind == "kv_events":
+            return feed.on_events(worker_id, message.kv_events)
+        if kind == "kv_snapshot":
+            return feed.on_snapshot(worker_id, message.kv_snapshot)
+        feed.on_progress(message.progress)
+        return False
 
     async def ListWorkers(  # noqa: N802
         self, request: router_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext

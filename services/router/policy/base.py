@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from services.router.registry import WorkerRole, WorkerSnapshot
 from tandem.errors import Unavailable
@@ -23,6 +23,12 @@ class RouteContext:
     token_ids: Sequence[int] = ()
     exclude_worker_ids: frozenset[str] = frozenset()
     role: WorkerRole = WorkerRole.DECODE
+    # The caller's hashes of token_ids' full blocks of block_size tokens (empty: not sent).
+    block_hashes: Sequence[int] = ()
+    block_size: int = 0
+    # Per-request overrides of the kv policy's configured weights (None: keep them).
+    kv_overlap_weight: float | None = None
+    kv_temperature: float | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -56,6 +62,14 @@ class Scorer(Protocol):
     def score(self, context: RouteContext, workers: Sequence[WorkerSnapshot]) -> dict[str, float]:
         """Return a score in [0, 1] for every worker id in ``workers`` (never an empty input)."""
         ...
+
+
+@runtime_checkable
+class RoutingFeedback(Protocol):
+    """Optional on a scorer: told which worker was chosen, before ``select`` returns."""
+
+    def on_routed(self, context: RouteContext, worker: WorkerSnapshot) -> None:
+        """Record the decision (predicted load, predicted cache). Must not block."""
 
 
 class Picker(Protocol):
@@ -110,6 +124,9 @@ class RoutingPolicy:
                 raise NoWorkerAvailable(_unavailable_message(context, len(workers), step.name))
         scored = self._score(context, candidates)
         chosen = self.picker.pick(context, scored)
+        for weighted in self.scorers:
+            if isinstance(weighted.scorer, RoutingFeedback):
+                weighted.scorer.on_routed(context, chosen.worker)
         return RouteDecision(worker=chosen.worker, score=chosen.score, num_candidates=len(candidates))
 
     def _score(self, context: RouteContext, candidates: list[WorkerSnapshot]) -> list[ScoredWorker]:
