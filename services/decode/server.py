@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from services.decode.config import DecodeConfig
 from services.decode.convert import load_from_stats
+from services.decode.kv_publisher import RequestProgress
 from services.decode.metrics import DecodeMetrics
 from services.decode.registration import RouterRegistration
 from services.decode.servicer import WorkerServicer
@@ -21,6 +22,7 @@ from tandem.engine.factory import create_engine
 from tandem.engine.protocol import Engine
 from tandem.engine.types import StepInfo
 from tandem.grpc_server import GrpcService
+from tandem.kv.events import KvEventSource
 from tandem.models import resolve_model
 from tandem.proto.router.v1 import router_pb2
 from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -113,7 +115,8 @@ async def serve(config: DecodeConfig, *, engine_factory: EngineFactory = create_
     model_path = await asyncio.to_thread(resolve_model, config.model or None)  # may convert once (~30 s)
     metrics = DecodeMetrics(CollectorRegistry())
     engine = engine_factory(config.engine_config(model_path), metrics.observe_step)
-    servicer = WorkerServicer(engine, metrics)
+    progress = RequestProgress()  # first tokens and finishes, for the router's load prediction
+    servicer = WorkerServicer(engine, metrics, progress)
     grpc_service = GrpcService(config.host, config.port, [SERVICE_NAME])
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, grpc_service.server)
     await grpc_service.start()  # NOT_SERVING until the model is loaded
@@ -135,11 +138,14 @@ async def serve(config: DecodeConfig, *, engine_factory: EngineFactory = create_
     worker_id = config.worker_id or f"decode-{config.advertise_host}-{grpc_service.port}"
     registration = None
     if config.router_address:
+        kv_source = engine if isinstance(engine, KvEventSource) else None
         info = router_pb2.WorkerInfo(
             worker_id=worker_id, role=router_pb2.WORKER_ROLE_DECODE, address=address, model=engine.model_name,
             max_model_len=engine.max_model_len, block_size=config.block_size,
+            publishes_kv_events=kv_source is not None,
         )
-        registration = RouterRegistration(config.router_address, info, lambda: load_from_stats(engine.stats()))
+        registration = RouterRegistration(config.router_address, info, lambda: load_from_stats(engine.stats()),
+                                          kv_source=kv_source, progress=progress)
     worker = DecodeWorker(
         config=config, worker_id=worker_id, port=grpc_service.port, address=address,
         metrics_port=metrics_server.server_address[1] if metrics_server else None, engine=engine, metrics=metrics,

@@ -16,6 +16,7 @@ from services.decode.convert import (
     stats_response,
     wire_field,
 )
+from services.decode.kv_publisher import RequestProgress
 from services.decode.metrics import DecodeMetrics
 from tandem.engine.protocol import Engine
 from tandem.engine.types import RequestOutput
@@ -35,9 +36,10 @@ ERROR_FIELD_KEY = "tandem-error-field"
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, engine: Engine, metrics: DecodeMetrics) -> None:
+    def __init__(self, engine: Engine, metrics: DecodeMetrics, progress: RequestProgress | None = None) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._progress = progress
         self._running_ids: set[str] = set()  # engine request ids of in-flight calls
         self._draining = False
         self._idle = asyncio.Event()
@@ -92,6 +94,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 code = grpc.StatusCode.INTERNAL if self._engine.healthy() else grpc.StatusCode.UNAVAILABLE
                 await context.abort(code, f"the engine failed: {error}")
             assert outputs is not None and last is not None  # context.abort raises
+            if self._progress is not None:
+                self._progress.first_token(request.request_id)
             outcome = "error"  # until the stream finishes
             try:
                 yield response_from_output(last)
@@ -115,6 +119,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             self._running_ids.discard(engine_id)
             if not self._running_ids:
                 self._idle.set()
+            if self._progress is not None:
+                self._progress.finished(request.request_id)
             self._metrics.observe_request(outcome)
             log.debug("generate finished", outcome=outcome, num_output_tokens=last.num_output_tokens if last else 0)
 
