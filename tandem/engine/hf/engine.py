@@ -261,6 +261,12 @@ class HFEngine:
         return KVReservation(seq.request_id, list(seq.block_table), seq.num_cached_tokens,
                              self.block_manager.block_size)
 
+    async def cancel_reservation(self, reservation: KVReservation) -> None:
+        """Free a reservation that will not be continued (the caller decided to prefill locally)."""
+        seq = self._reserved.pop(reservation.request_id, None)
+        if seq is not None:
+            await self._call(lambda: self.scheduler.cancel_reservation(seq))
+
     def write_kv(self, reservation: KVReservation, block_index: int, layer_start: int,
                  data: torch.Tensor) -> None:
         """Copy imported K/V ([L, 2, B, bs, kvh, d]) into reserved blocks starting at ``block_index``."""
