@@ -17,6 +17,7 @@ from services.frontend import openai_responses as responses
 from services.frontend import sse
 from services.frontend.openai_protocol import parse_chat_request, parse_completion_request
 from services.frontend.pipeline import GenerationRequest, Pipeline, is_valid_request_id
+from services.frontend.routing import parse_routing_overrides
 from tandem.engine.types import RequestOutput
 from tandem.errors import InvalidRequest, TandemError
 from tandem.telemetry.logging import REQUEST_ID_HEADER
@@ -94,10 +95,12 @@ class OpenAIHttpApi:
             self.pipeline.check_model(parsed.model)
             prompt_ids = self.pipeline.apply_chat_template(parsed.messages)
             self.pipeline.validate_prompt(prompt_ids, parsed.sampling, "messages")
+            routing = parse_routing_overrides(body)
         except TandemError as exc:
             self._count_rejected(endpoint, stream, exc)
             raise
-        generation = GenerationRequest(request[REQUEST_ID], prompt_ids, parsed.sampling, endpoint, parsed.stream)
+        generation = GenerationRequest(request[REQUEST_ID], prompt_ids, parsed.sampling, endpoint, parsed.stream,
+                                       routing)
         header = self._header("chatcmpl-", request[REQUEST_ID])
         if not parsed.stream:
             text, last = await self._collect(generation)
@@ -127,10 +130,12 @@ class OpenAIHttpApi:
             prompt = parsed.prompt
             prompt_ids = self.pipeline.tokenize(prompt) if isinstance(prompt, str) else prompt
             self.pipeline.validate_prompt(prompt_ids, parsed.sampling, "prompt")
+            routing = parse_routing_overrides(body)
         except TandemError as exc:
             self._count_rejected(endpoint, stream, exc)
             raise
-        generation = GenerationRequest(request[REQUEST_ID], prompt_ids, parsed.sampling, endpoint, parsed.stream)
+        generation = GenerationRequest(request[REQUEST_ID], prompt_ids, parsed.sampling, endpoint, parsed.stream,
+                                       routing)
         header = self._header("cmpl-", request[REQUEST_ID])
         if not parsed.stream:
             text, last = await self._collect(generation)

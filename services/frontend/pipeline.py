@@ -21,12 +21,15 @@ from services.frontend.wire import finish_reason_from_proto, sampling_to_proto
 from tandem.engine.types import FinishReason, RequestOutput, SamplingParams
 from tandem.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable
 from tandem.grpc_server import CHANNEL_OPTIONS
+from tandem.kv.hashing import hash_blocks
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
 from tandem.telemetry.logging import REQUEST_ID_HEADER
 
 log = structlog.get_logger(__name__)
+
+KV_BLOCK_SIZE = 16  # the workers' default; the router re-hashes for workers with another size
 
 # Worker failures worth another worker, as long as the client has seen no token yet.
 _REROUTE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
@@ -48,6 +51,7 @@ class GenerationRequest:
     sampling: SamplingParams
     endpoint: str  # metrics label, e.g. "chat_completions", "completions", "native_generate"
     streaming: bool  # metrics label request_type = "stream" | "unary"
+    routing: router_pb2.RoutingOverrides | None = None  # the body's "routing" (extra_body)
 
 
 class _WorkerStreamBroken(Exception):
@@ -190,6 +194,9 @@ class Pipeline:
         message = router_pb2.RouteRequest(
             request_id=request.request_id, model=self.model_name,
             token_ids=request.prompt_token_ids, exclude_worker_ids=excluded_worker_ids,
+            overrides=request.routing,
+            # Hashed here, not in the router: frontends scale out, the router's one loop does not.
+            block_hashes=hash_blocks(request.prompt_token_ids, KV_BLOCK_SIZE), block_size=KV_BLOCK_SIZE,
         )
         try:
             return await self._router.Route(message, metadata=_metadata(request), timeout=self.route_timeout_s)
