@@ -33,12 +33,30 @@ def parse_args(argv: list[str] | None = None) -> FrontendConfig:
                         help="context length; default: the model's max_position_embeddings")
     parser.add_argument("--shutdown-grace-s", type=float, default=10.0,
                         help="how long in-flight requests may finish on SIGTERM")
+    parser.add_argument("--migration-limit", type=int, default=int(env("TANDEM_MIGRATION_LIMIT", "3")),
+                        help="times a request may move to another worker after a failure [$TANDEM_MIGRATION_LIMIT]")
+    parser.add_argument("--stall-timeout-s", type=float, default=float(env("TANDEM_STALL_TIMEOUT_S", "5")),
+                        help="no token for this long while running: the worker is hung, its requests "
+                             "migrate; 0 = off [$TANDEM_STALL_TIMEOUT_S]")
+    parser.add_argument("--first-token-timeout-s", type=float,
+                        default=float(env("TANDEM_FIRST_TOKEN_TIMEOUT_S", "0")),
+                        help="the same before the first token; 0 = off [$TANDEM_FIRST_TOKEN_TIMEOUT_S]")
+    parser.add_argument("--max-inflight-requests", type=int,
+                        default=int(env("TANDEM_MAX_INFLIGHT_REQUESTS", "1024")),
+                        help="requests at the workers at once [$TANDEM_MAX_INFLIGHT_REQUESTS]")
+    parser.add_argument("--max-queued-requests", type=int, default=int(env("TANDEM_MAX_QUEUED_REQUESTS", "1024")),
+                        help="requests waiting beyond that; more get 503 + Retry-After [$TANDEM_MAX_QUEUED_REQUESTS]")
+    parser.add_argument("--queue-timeout-s", type=float, default=float(env("TANDEM_QUEUE_TIMEOUT_S", "30")),
+                        help="longest wait in the queue [$TANDEM_QUEUE_TIMEOUT_S]")
     args = parser.parse_args(argv)
     return FrontendConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host,
         http_port=args.http_port, grpc_port=args.grpc_port, router_address=args.router_address,
         request_timeout_s=args.request_timeout_s or None, max_model_len=args.max_model_len,
-        shutdown_grace_s=args.shutdown_grace_s,
+        shutdown_grace_s=args.shutdown_grace_s, migration_limit=args.migration_limit,
+        stall_timeout_s=args.stall_timeout_s or None, first_token_timeout_s=args.first_token_timeout_s or None,
+        max_inflight_requests=args.max_inflight_requests, max_queued_requests=args.max_queued_requests,
+        queue_timeout_s=args.queue_timeout_s,
     )
 
 

@@ -4,6 +4,7 @@ route via the router and stream the tokens straight from the chosen decode worke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -15,8 +16,12 @@ import grpc
 import structlog
 from prometheus_client import CollectorRegistry
 
+from services.frontend import failure_detection as failures
+from services.frontend.admission import WORKERS_FULL, Admission
+from services.frontend.failure_detection import FailoverMetrics, FailureReporter, StreamWatch, StreamWatches
 from services.frontend.messages import normalise_messages
 from services.frontend.metrics import STATUS_CANCELLED, STATUS_SUCCESS, FrontendMetrics
+from services.frontend.migration import StreamProgress
 from services.frontend.wire import finish_reason_from_proto, sampling_to_proto
 from tandem.engine.types import FinishReason, RequestOutput, SamplingParams
 from tandem.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable
@@ -31,8 +36,8 @@ log = structlog.get_logger(__name__)
 
 KV_BLOCK_SIZE = 16  # the workers' default; the router re-hashes for workers with another size
 
-# Worker failures worth another worker, as long as the client has seen no token yet.
-_REROUTE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+# Worker failures worth another worker: the request moves there (migration), tokens and all.
+_REROUTE_CODES = {grpc.StatusCode.UNAVAILABLE: failures.UNREACHABLE, grpc.StatusCode.CANCELLED: failures.STREAM_BROKEN}
 # Trailing metadata key the decode worker names the field at fault with.
 _ERROR_FIELD_KEY = "tandem-error-field"
 _FIELD_FROM_WIRE = {"prompt_token_ids": "prompt"}
@@ -55,11 +60,12 @@ class GenerationRequest:
 
 
 class _WorkerStreamBroken(Exception):
-    """The worker went away; re-routable only while the client has seen nothing."""
+    """The worker failed the request in a way another worker can fix: the request migrates."""
 
-    def __init__(self, message: str, status: grpc.StatusCode | None) -> None:
+    def __init__(self, message: str, kind: str, detected_after_s: float = 0.0) -> None:
         super().__init__(message)
-        self.status = status
+        self.kind = kind  # one of failure_detection.KINDS
+        self.detected_after_s = detected_after_s  # silence on the stream before the failure showed
 
 
 class Pipeline:
@@ -81,6 +87,12 @@ class Pipeline:
         request_timeout_s: float | None = None,
         route_timeout_s: float = 5.0,
         max_reroutes: int = 2,
+        migration_limit: int = 3,
+        stall_timeout_s: float | None = None,
+        first_token_timeout_s: float | None = None,
+        max_inflight_requests: int = 1024,
+        max_queued_requests: int = 1024,
+        queue_timeout_s: float = 30.0,
     ) -> None:
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -90,9 +102,18 @@ class Pipeline:
         self.metrics = metrics if metrics is not None else FrontendMetrics(CollectorRegistry())
         self.request_timeout_s = request_timeout_s
         self.route_timeout_s = route_timeout_s
-        self.max_reroutes = max_reroutes
+        self.max_reroutes = max_reroutes  # failures before any token
+        self.migration_limit = migration_limit  # failures after tokens were streamed
+        self.failover_metrics = FailoverMetrics(self.metrics.registry)
+        self._watches = StreamWatches(stall_timeout_s, first_token_timeout_s)
+        self._admission = Admission(
+            max_inflight_requests, max_queued_requests, queue_timeout_s,
+            on_reject=lambda reason: self.failover_metrics.rejected_overload.labels(model_name, reason).inc(),
+            on_queue_change=self.failover_metrics.queued.set,
+        )
         self._router_channel = grpc.aio.insecure_channel(router_address, options=CHANNEL_OPTIONS)
         self._router = router_pb2_grpc.RouterServiceStub(self._router_channel)
+        self._reporter = FailureReporter(self._router)
         self._worker_channels: dict[str, grpc.aio.Channel] = {}
 
     @classmethod
@@ -104,6 +125,7 @@ class Pipeline:
                    **kwargs)
 
     async def close(self) -> None:
+        await self._reporter.close()
         for channel in [self._router_channel, *self._worker_channels.values()]:
             await channel.close()
         self._worker_channels.clear()
@@ -147,8 +169,9 @@ class Pipeline:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         """Stream the request's outputs; the last has finish_reason set.
 
-        Raises Unavailable (no healthy worker, or the worker failed), InvalidRequest or
-        ResourceExhausted (from the worker) - before the first output or, rarely, mid-stream.
+        Raises Unavailable (no healthy worker, or the request could not migrate), InvalidRequest or
+        ResourceExhausted (the frontend's queue or every worker is full) - before the first output or,
+        when a failed worker's request cannot move elsewhere, mid-stream.
         Closing the iterator (use contextlib.aclosing) or cancelling the task cancels the worker
         call, which aborts the request there and frees its KV blocks.
         """
@@ -156,7 +179,7 @@ class Pipeline:
                                      "stream" if request.streaming else "unary", len(request.prompt_token_ids))
         status = STATUS_CANCELLED
         try:
-            async with aclosing(self._generate_rerouting(request)) as outputs:
+            async with self._admission.slot(), aclosing(self._generate_migrating(request)) as outputs:
                 async for output in outputs:
                     tracker.on_tokens(len(output.token_ids))
                     if output.finished:
@@ -172,23 +195,69 @@ class Pipeline:
         finally:  # also on GeneratorExit / CancelledError, which leave status "cancelled"
             tracker.finish(status)
 
-    async def _generate_rerouting(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
+    async def _generate_migrating(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
+        """Route, stream, and on a worker failure resubmit what is left to another worker."""
+        progress = StreamProgress(list(request.prompt_token_ids), request.sampling, self.max_model_len)
         excluded_worker_ids: list[str] = []
+        num_reroutes = 0
+        worker_full: ResourceExhausted | None = None  # a refusal for capacity: "no worker left" means overload
         while True:
-            route = await self._route(request, excluded_worker_ids)
-            started = False
+            attempt = request
+            if progress.num_output_tokens:
+                attempt = dataclasses.replace(request, prompt_token_ids=progress.worker_prompt(),
+                                              sampling=progress.worker_sampling())
             try:
-                async with aclosing(self._stream_from_worker(request, route)) as outputs:
-                    async for output in outputs:
-                        started = True
-                        yield output
+                route = await self._route(attempt, excluded_worker_ids)
+            except Unavailable as exc:
+                if worker_full is not None:
+                    self.failover_metrics.rejected_overload.labels(self.model_name, WORKERS_FULL).inc()
+                    raise worker_full from None
+                if progress.num_migrations:
+                    self.failover_metrics.migration_failures.labels(self.model_name).inc()
+                    raise Unavailable(f"the request's worker failed after {progress.num_output_tokens} tokens and "
+                                      f"no other worker can continue it: {exc.message}") from None
+                raise
+            try:
+                async with aclosing(self._stream_from_worker(attempt, route)) as outputs:
+                    async for worker_output in outputs:
+                        output = progress.accept(worker_output)
+                        if output is not None:
+                            yield output
+                            if output.finished:
+                                return
                 return
-            except _WorkerStreamBroken as exc:
-                if started or len(excluded_worker_ids) >= self.max_reroutes:
-                    raise Unavailable(f"worker {route.worker_id} failed: {exc}") from None
-                log.warning("worker failed before the first token; re-routing", worker_id=route.worker_id,
-                            address=route.address, error=str(exc), request_id=request.request_id)
+            except ResourceExhausted as exc:
+                if progress.num_output_tokens or num_reroutes >= self.max_reroutes:
+                    raise
+                num_reroutes += 1
+                worker_full = exc
                 excluded_worker_ids.append(route.worker_id)
+                continue
+            except _WorkerStreamBroken as exc:
+                self._on_worker_failure(request, route, exc)
+                excluded_worker_ids.append(route.worker_id)
+                if not progress.num_output_tokens:
+                    if num_reroutes >= self.max_reroutes:
+                        raise Unavailable(f"worker {route.worker_id} failed: {exc}") from None
+                    num_reroutes += 1
+                elif progress.num_migrations >= self.migration_limit:
+                    self.failover_metrics.migration_failures.labels(self.model_name).inc()
+                    raise Unavailable(f"worker {route.worker_id} failed after {progress.num_output_tokens} tokens "
+                                      f"and the migration limit ({self.migration_limit}) is reached: {exc}") from None
+                progress.start_migration(self.tokenizer)
+                self.failover_metrics.migrations.labels(self.model_name, exc.kind).inc()
+                log.warning("worker failed; migrating the request", worker_id=route.worker_id, kind=exc.kind,
+                            error=str(exc), num_output_tokens=progress.num_output_tokens,
+                            migration=progress.num_migrations, request_id=request.request_id)
+                finish_reason = progress.finished_without_worker()
+                if finish_reason is not None:
+                    yield progress.final_output(request.request_id, finish_reason)
+                    return
+
+    def _on_worker_failure(self, request: GenerationRequest, route: router_pb2.RouteResponse,
+                           exc: _WorkerStreamBroken) -> None:
+        self.failover_metrics.detection.labels(exc.kind).observe(exc.detected_after_s)
+        self._reporter.report(route.worker_id, route.address, exc.kind, exc.detected_after_s, str(exc))
 
     async def _route(self, request: GenerationRequest, excluded_worker_ids: list[str]) -> router_pb2.RouteResponse:
         message = router_pb2.RouteRequest(
@@ -223,9 +292,16 @@ class Pipeline:
             metadata=_metadata(request), timeout=self.request_timeout_s,
         )
         num_output_tokens = 0
+        watch = self._watches.open(route.address)
         try:
-            async for response in call:
+            while True:
+                response = await self._read(call, watch, started=num_output_tokens > 0)
+                if response is grpc.aio.EOF:
+                    break
                 if response.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                    if response.error.code == common_pb2.ERROR_CODE_UNAVAILABLE:
+                        raise _WorkerStreamBroken(f"the worker gave up: {response.error.message}",
+                                                  failures.STREAM_BROKEN, watch.silent_for_s())
                     raise _error_from_detail(response.error)
                 token_ids = list(response.delta.token_ids)
                 num_output_tokens += len(token_ids)
@@ -245,10 +321,34 @@ class Pipeline:
                 if finish_reason is not None:
                     return
         except grpc.aio.AioRpcError as exc:
-            raise _error_from_status(exc, route, self.request_timeout_s) from None
+            raise _error_from_status(exc, route, self.request_timeout_s, watch.silent_for_s()) from None
         finally:
+            self._watches.close(watch)
             call.cancel()  # a no-op once finished; otherwise the worker aborts and frees the KV blocks
-        raise _WorkerStreamBroken("the stream ended before the request finished", None)
+        raise _WorkerStreamBroken("the stream ended before the request finished", failures.STREAM_BROKEN,
+                                  watch.silent_for_s())
+
+    async def _read(self, call: Any, watch: StreamWatch, *, started: bool) -> Any:
+        """The next response, or _WorkerStreamBroken when the stream stays silent past its limit."""
+        try:
+            async with asyncio.timeout(self._watches.limit_s(started)) as timer:
+                watch.timer = timer
+                if watch.condemned:  # condemned between two reads
+                    timer.reschedule(asyncio.get_running_loop().time())
+                response = await call.read()
+        except TimeoutError:
+            silent_for_s = watch.silent_for_s()
+            if watch.condemned:
+                raise _WorkerStreamBroken("another stream on this worker stalled", failures.WORKER_STALLED,
+                                          silent_for_s) from None
+            num_condemned = self._watches.condemn_worker(watch.address, watch)
+            raise _WorkerStreamBroken(
+                f"no token for {silent_for_s:.1f} s (stall limit); {num_condemned} other streams on the worker "
+                "move too", failures.STALLED, silent_for_s) from None
+        finally:
+            watch.timer = None
+        watch.note_message()
+        return response
 
     def _worker_channel(self, address: str) -> grpc.aio.Channel:
         channel = self._worker_channels.get(address)
@@ -303,7 +403,7 @@ def _error_field(exc: grpc.aio.AioRpcError) -> str | None:
 
 
 def _error_from_status(exc: grpc.aio.AioRpcError, route: router_pb2.RouteResponse,
-                       timeout_s: float | None) -> Exception:
+                       timeout_s: float | None, silent_for_s: float) -> Exception:
     code, details = exc.code(), exc.details() or ""
     field = _error_field(exc)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -313,7 +413,7 @@ def _error_from_status(exc: grpc.aio.AioRpcError, route: router_pb2.RouteRespons
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Unavailable(f"the request did not finish within {timeout_s} s")
     if code in _REROUTE_CODES:
-        return _WorkerStreamBroken(f"{code.name}: {details}", code)
+        return _WorkerStreamBroken(f"{code.name}: {details}", _REROUTE_CODES[code], silent_for_s)
     return TandemError(f"worker {route.worker_id} failed ({code.name}): {details}")
 
 

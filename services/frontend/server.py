@@ -37,6 +37,15 @@ class FrontendConfig:
     request_timeout_s: float | None = 600.0  # whole-request deadline on the worker call; None = none
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_reroutes: int = 2  # other workers tried when one fails before the first token
+    migration_limit: int = 3  # times a request may move to another worker after tokens were streamed
+    # No token for this long from a worker that already streamed some: the worker is hung; the request
+    # (and every other on that worker) migrates. Generous by default: a CPU worker's step can take
+    # seconds when a long prompt's prefill shares it.
+    stall_timeout_s: float | None = 5.0
+    first_token_timeout_s: float | None = None  # the same before the first token (queueing counts); None = off
+    max_inflight_requests: int = 1024  # requests at the workers at once; more wait in the queue
+    max_queued_requests: int = 1024  # beyond this, 503 + Retry-After / RESOURCE_EXHAUSTED at once
+    queue_timeout_s: float = 30.0  # longest wait in the queue before the same answer
     retry_after_s: int = 1  # Retry-After on 503s
     shutdown_grace_s: float = 10.0  # how long in-flight requests may finish on stop
     enable_kserve: bool = True  # serve services.frontend.kserve too, when it is installed
@@ -57,6 +66,18 @@ class FrontendConfig:
             raise bad("max_model_len", f"must be at least 2, got {self.max_model_len}")
         if self.max_reroutes < 0:
             raise bad("max_reroutes", f"must be >= 0, got {self.max_reroutes}")
+        if self.migration_limit < 0:
+            raise bad("migration_limit", f"must be >= 0, got {self.migration_limit}")
+        for name in ("stall_timeout_s", "first_token_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise bad(name, f"must be positive (or unset to disable), got {value}")
+        if self.max_inflight_requests < 1:
+            raise bad("max_inflight_requests", f"must be >= 1, got {self.max_inflight_requests}")
+        if self.max_queued_requests < 0:
+            raise bad("max_queued_requests", f"must be >= 0, got {self.max_queued_requests}")
+        if not self.queue_timeout_s > 0:
+            raise bad("queue_timeout_s", f"must be positive, got {self.queue_timeout_s}")
         if self.retry_after_s < 0:
             raise bad("retry_after_s", f"must be >= 0, got {self.retry_after_s}")
         if self.shutdown_grace_s < 0:
@@ -125,6 +146,9 @@ async def serve(config: FrontendConfig, *, registry: CollectorRegistry | None = 
         model_path, model_name=model_name, max_model_len=config.max_model_len,
         router_address=config.router_address, metrics=metrics,
         request_timeout_s=config.request_timeout_s, max_reroutes=config.max_reroutes,
+        migration_limit=config.migration_limit, stall_timeout_s=config.stall_timeout_s,
+        first_token_timeout_s=config.first_token_timeout_s, max_inflight_requests=config.max_inflight_requests,
+        max_queued_requests=config.max_queued_requests, queue_timeout_s=config.queue_timeout_s,
     )
     apis: list[FrontendApi] = [GenerationApi(pipeline), *_optional_apis(config, pipeline)]
 

@@ -27,8 +27,13 @@ MODEL = "test-model"
 
 
 class FakeTokenizer:
+    """Token 10 + i reads "t<i>", as FakeWorker emits it; prompt tokens (< 10) read as nothing."""
+
     def __len__(self) -> int:
         return 1000
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"t{token_id - 10}" for token_id in token_ids if token_id >= 10)
 
 
 @dataclass
@@ -187,7 +192,8 @@ async def test_worker_status_codes_map_to_errors(mesh: Mesh, code: grpc.StatusCo
     with pytest.raises(error, match="scripted failure") as info:
         await _collect(mesh.pipeline, _request())
     assert info.value.field == "max_tokens"  # from the worker's trailing metadata
-    assert len(mesh.router.requests) == 1  # not worth another worker
+    # A full worker is worth another (the router then has none left); a bad request is not.
+    assert len(mesh.router.requests) == (2 if code == grpc.StatusCode.RESOURCE_EXHAUSTED else 1)
 
 
 async def test_in_stream_error_detail_keeps_its_field(mesh: Mesh) -> None:
@@ -197,14 +203,16 @@ async def test_in_stream_error_detail_keeps_its_field(mesh: Mesh) -> None:
     assert info.value.field == "stop"
 
 
-async def test_failure_after_first_token_is_not_rerouted(mesh: Mesh) -> None:
+async def test_failure_after_first_token_without_another_worker_ends_in_an_error(mesh: Mesh) -> None:
     mesh.worker.fail_after_first = grpc.StatusCode.UNAVAILABLE
     seen = []
-    with pytest.raises(Unavailable):
+    with pytest.raises(Unavailable, match="after 1 tokens"):
         async with aclosing(mesh.pipeline.generate(_request())) as outputs:
             async for output in outputs:
                 seen.append(output.text)
-    assert seen == ["t0"] and len(mesh.router.requests) == 1
+    # The migration was tried: the router was asked again, without the failed worker.
+    assert seen == ["t0"] and len(mesh.router.requests) == 2
+    assert list(mesh.router.requests[1].exclude_worker_ids) == ["w1"]
 
 
 async def _wait_for(condition, timeout_s: float = 5.0) -> None:

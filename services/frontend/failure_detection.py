@@ -1,0 +1,151 @@
+"""How the frontend notices a failing worker mid-stream and tells the router, plus the metrics of
+migration and overload.
+
+A stream stalls when no message arrives for ``stall_timeout_s`` after its first token (or
+``first_token_timeout_s`` before it). A stall condemns the worker, not only the request: every other
+stream open on the same worker is migrated at once rather than each waiting out its own timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+# Failure kinds: the label of the migration metrics and what is reported to the router.
+UNREACHABLE = "unreachable"  # UNAVAILABLE: connection refused or reset, worker gone
+STREAM_BROKEN = "stream_broken"  # cancelled by the worker, or ended before the request finished
+STALLED = "stalled"  # this stream's timer ran out
+WORKER_STALLED = "worker_stalled"  # another stream on the same worker stalled
+KINDS = (UNREACHABLE, STREAM_BROKEN, STALLED, WORKER_STALLED)
+_KIND_TO_PROTO = {
+    UNREACHABLE: router_pb2.WORKER_FAILURE_KIND_UNREACHABLE,
+    STREAM_BROKEN: router_pb2.WORKER_FAILURE_KIND_STREAM_BROKEN,
+    STALLED: router_pb2.WORKER_FAILURE_KIND_STALLED,
+}
+_REPORT_TIMEOUT_S = 1.0
+_DETECTION_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class FailoverMetrics:
+    """Registered beside FrontendMetrics on the same registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.migrations = Counter(
+            "tandem_frontend_migrations", "Requests resubmitted to another worker after a failure, by reason.",
+            ["model", "reason"], registry=registry,
+        )
+        self.migration_failures = Counter(
+            "tandem_frontend_migration_failures",
+            "Requests that ended with an error because they could not move (limit reached, no healthy worker).",
+            ["model"], registry=registry,
+        )
+        self.detection = Histogram(
+            "tandem_frontend_failure_detection_seconds",
+            "From the last message on a worker stream to the frontend declaring the worker failed.",
+            ["kind"], buckets=_DETECTION_BUCKETS_S, registry=registry,
+        )
+        self.rejected_overload = Counter(
+            "tandem_frontend_requests_rejected_overload",
+            "Requests answered 503 / RESOURCE_EXHAUSTED because the frontend queue or every worker was full.",
+            ["model", "reason"], registry=registry,
+        )
+        self.queued = Gauge(
+            "tandem_frontend_queued_requests", "Requests waiting for a slot in the frontend's bounded queue.",
+            registry=registry,
+        )
+
+
+@dataclass(eq=False)
+class StreamWatch:
+    """The stall timer of one worker stream; ``condemn`` fires it early."""
+
+    address: str
+    started_s: float = field(default_factory=time.monotonic)
+    last_message_s: float = 0.0
+    timer: asyncio.Timeout | None = None
+    condemned: bool = False
+
+    def __post_init__(self) -> None:
+        self.last_message_s = self.started_s
+
+    def note_message(self) -> None:
+        self.last_message_s = time.monotonic()
+
+    def silent_for_s(self) -> float:
+        return time.monotonic() - self.last_message_s
+
+    def condemn(self) -> None:
+        self.condemned = True
+        if self.timer is not None and not self.timer.expired():
+            self.timer.reschedule(asyncio.get_running_loop().time())
+
+
+class StreamWatches:
+    """Every open worker stream of the frontend, by worker address, so that a stall on one stops all."""
+
+    def __init__(self, stall_timeout_s: float | None, first_token_timeout_s: float | None) -> None:
+        self.stall_timeout_s = stall_timeout_s
+        self.first_token_timeout_s = first_token_timeout_s
+        self._by_address: dict[str, set[StreamWatch]] = {}
+
+    def open(self, address: str) -> StreamWatch:
+        watch = StreamWatch(address)
+        self._by_address.setdefault(address, set()).add(watch)
+        return watch
+
+    def close(self, watch: StreamWatch) -> None:
+        watches = self._by_address.get(watch.address)
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
+                del self._by_address[watch.address]
+
+    def limit_s(self, started: bool) -> float | None:
+        """Longest silence allowed now: the stall limit once tokens flow, the first-token limit before."""
+        return self.stall_timeout_s if started else self.first_token_timeout_s
+
+    def condemn_worker(self, address: str, cause: StreamWatch) -> int:
+        """Fire the timers of every other stream on ``address``; returns how many."""
+        others = [watch for watch in self._by_address.get(address, ()) if watch is not cause and not watch.condemned]
+        for watch in others:
+            watch.condemn()
+        return len(others)
+
+
+class FailureReporter:
+    """Tells the router about a failed worker without holding up the migration (fire and forget)."""
+
+    def __init__(self, router: router_pb2_grpc.RouterServiceStub) -> None:
+        self._router = router
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def report(self, worker_id: str, address: str, kind: str, detected_after_s: float, detail: str) -> None:
+        proto_kind = _KIND_TO_PROTO.get(kind)
+        if proto_kind is None:
+            return  # WORKER_STALLED: the stream that stalled first has reported it
+        task = asyncio.create_task(self._send(router_pb2.ReportWorkerFailureRequest(
+            worker_id=worker_id, address=address, kind=proto_kind, detected_after_s=detected_after_s,
+            detail=detail[:500],
+        )))
+        self._tasks.add(task)  # keep a reference until done, or the task may be collected mid-flight
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, message: router_pb2.ReportWorkerFailureRequest) -> None:
+        try:
+            await self._router.ReportWorkerFailure(message, timeout=_REPORT_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            # The router may be down or older than this RPC; its own health watch will notice anyway.
+            log.info("could not report worker failure", worker_id=message.worker_id, code=error.code().name)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()

@@ -1,0 +1,198 @@
+"""In-flight migration in the frontend pipeline against scripted router and worker gRPC servers:
+a worker that breaks or stalls mid-stream hands its requests to another with nothing lost or repeated."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from services.frontend.metrics import FrontendMetrics
+from services.frontend.pipeline import GenerationRequest, Pipeline
+from tandem.engine.types import SamplingParams
+from tandem.errors import Unavailable
+from tandem.proto.common.v1 import common_pb2
+from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
+from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+MODEL = "test-model"
+PROMPT = [1, 2, 3]
+
+
+class FakeTokenizer:
+    """Token 10 + k reads " t<k>"; prompt tokens (< 10) read as nothing."""
+
+    def __len__(self) -> int:
+        return 1000
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f" t{token_id - 10}" for token_id in token_ids if token_id >= 10)
+
+
+@dataclass
+class Router(router_pb2_grpc.RouterServiceServicer):
+    workers: list[tuple[str, str]]
+    routes: list[router_pb2.RouteRequest] = field(default_factory=list)
+    reports: list[router_pb2.ReportWorkerFailureRequest] = field(default_factory=list)
+
+    async def Route(self, request, context):  # noqa: N802
+        self.routes.append(request)
+        reported = {report.worker_id for report in self.reports}
+        for worker_id, address in self.workers:
+            if worker_id not in request.exclude_worker_ids and worker_id not in reported:
+                return router_pb2.RouteResponse(worker_id=worker_id, address=address)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "no healthy worker")
+
+    async def ReportWorkerFailure(self, request, context):  # noqa: N802
+        self.reports.append(request)
+        return router_pb2.ReportWorkerFailureResponse(quarantined=True)
+
+
+@dataclass
+class Worker(worker_pb2_grpc.WorkerServiceServicer):
+    """Continues the sequence 10, 11, 12, ... from wherever the prompt left it, like a greedy model."""
+
+    break_after: int | None = None  # tokens streamed before it fails (UNAVAILABLE) or hangs
+    hang: bool = False
+    prompts: list[list[int]] = field(default_factory=list)
+    max_tokens: list[int] = field(default_factory=list)
+
+    async def Generate(self, request, context) -> AsyncIterator[worker_pb2.GenerateResponse]:  # noqa: N802
+        prompt = list(request.prompt_token_ids)
+        self.prompts.append(prompt)
+        self.max_tokens.append(request.sampling.max_tokens)
+        start = len(prompt) - len(PROMPT)
+        for i in range(request.sampling.max_tokens):
+            if self.break_after is not None and i == self.break_after:
+                if self.hang:
+                    await asyncio.Event().wait()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+            await asyncio.sleep(0.001)
+            k = start + i
+            response = worker_pb2.GenerateResponse(delta=common_pb2.TokenDelta(token_ids=[10 + k], text=f" t{k}"))
+            if i == request.sampling.max_tokens - 1:
+                response.finish_reason = common_pb2.FINISH_REASON_LENGTH
+                response.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=i + 1))
+            yield response
+
+
+@dataclass
+class Mesh:
+    router: Router
+    workers: list[Worker]
+    servers: list[grpc.aio.Server]
+    router_address: str
+
+    def pipeline(self, **kwargs: object) -> Pipeline:
+        return Pipeline(model_name=MODEL, max_model_len=256, tokenizer=FakeTokenizer(),
+                        router_address=self.router_address, metrics=FrontendMetrics(CollectorRegistry()),
+                        **kwargs)  # type: ignore[arg-type]
+
+
+async def _start(servicer: object, add: object) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    add(servicer, server)  # type: ignore[operator]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    workers = [Worker(), Worker(), Worker()]
+    servers, addresses = [], []
+    for worker in workers:
+        server, address = await _start(worker, worker_pb2_grpc.add_WorkerServiceServicer_to_server)
+        servers.append(server)
+        addresses.append(address)
+    router = Router([(f"w{i}", address) for i, address in enumerate(addresses)])
+    server, router_address = await _start(router, router_pb2_grpc.add_RouterServiceServicer_to_server)
+    yield Mesh(router, workers, [*servers, server], router_address)
+    for server in [*servers, server]:
+        await server.stop(0)
+
+
+def _request(request_id: str, max_tokens: int = 8) -> GenerationRequest:
+    return GenerationRequest(request_id, list(PROMPT), SamplingParams(max_tokens=max_tokens, temperature=0),
+                             "completions", True)
+
+
+async def _collect(pipeline: Pipeline, request: GenerationRequest) -> tuple[str, list[int], object]:
+    text, tokens, last = "", [], None
+    async with aclosing(pipeline.generate(request)) as outputs:
+        async for output in outputs:
+            text += output.text
+            tokens += output.token_ids
+            last = output
+    return text, tokens, last
+
+
+EXPECTED_TEXT = "".join(f" t{k}" for k in range(8))
+
+
+async def test_a_broken_stream_continues_on_another_worker(mesh: Mesh) -> None:
+    mesh.workers[0].break_after = 3
+    pipeline = mesh.pipeline()
+    text, tokens, last = await _collect(pipeline, _request("r1"))
+    assert text == EXPECTED_TEXT and tokens == list(range(10, 18))
+    assert last.num_prompt_tokens == 3 and last.num_output_tokens == 8  # type: ignore[attr-defined]
+    # The second worker got the prompt plus the 3 streamed tokens, and only what is left to generate.
+    assert mesh.workers[1].prompts == [[1, 2, 3, 10, 11, 12]] and mesh.workers[1].max_tokens == [5]
+    assert list(mesh.router.routes[1].exclude_worker_ids) == ["w0"]
+    assert list(mesh.router.routes[1].token_ids) == [1, 2, 3, 10, 11, 12]
+    await asyncio.sleep(0.05)  # the failure report is sent without holding up the stream
+    assert [(r.worker_id, r.kind) for r in mesh.router.reports] == [("w0", router_pb2.WORKER_FAILURE_KIND_UNREACHABLE)]
+    registry = pipeline.metrics.registry
+    assert registry.get_sample_value("tandem_frontend_migrations_total",
+                                     {"model": MODEL, "reason": "unreachable"}) == 1
+    await pipeline.close()
+
+
+async def test_a_stalled_worker_loses_all_its_streams_at_once(mesh: Mesh) -> None:
+    mesh.workers[0].break_after, mesh.workers[0].hang = 2, True
+    mesh.router.workers = mesh.router.workers[:2]
+    pipeline = mesh.pipeline(stall_timeout_s=0.3)
+    started = asyncio.get_running_loop().time()
+    results = await asyncio.gather(*(_collect(pipeline, _request(f"r{i}")) for i in range(3)))
+    elapsed_s = asyncio.get_running_loop().time() - started
+    assert all(text == EXPECTED_TEXT for text, _, _ in results)
+    # One stream's timer fired; the other two moved with it instead of waiting out their own.
+    assert elapsed_s < 0.3 * 2
+    registry = pipeline.metrics.registry
+    stalled = registry.get_sample_value("tandem_frontend_migrations_total", {"model": MODEL, "reason": "stalled"})
+    others = registry.get_sample_value("tandem_frontend_migrations_total",
+                                       {"model": MODEL, "reason": "worker_stalled"})
+    assert (stalled, others) == (1, 2)
+    assert registry.get_sample_value("tandem_frontend_failure_detection_seconds_count", {"kind": "stalled"}) == 1
+    await pipeline.close()
+
+
+async def test_each_migration_counts_towards_the_limit(mesh: Mesh) -> None:
+    for worker in mesh.workers:
+        worker.break_after = 2
+    pipeline = mesh.pipeline(migration_limit=1)
+    seen: list[str] = []
+    with pytest.raises(Unavailable, match=r"migration limit \(1\)"):
+        async with aclosing(pipeline.generate(_request("r1"))) as outputs:
+            async for output in outputs:
+                seen.append(output.text)
+    assert "".join(seen) == " t0 t1 t2 t3"  # two from each worker, then a clear error, never a silent end
+    assert pipeline.metrics.registry.get_sample_value("tandem_frontend_migration_failures_total",
+                                                      {"model": MODEL}) == 1
+    await pipeline.close()
+
+
+async def test_no_worker_left_ends_the_stream_with_an_error(mesh: Mesh) -> None:
+    mesh.workers[0].break_after = 1
+    mesh.router.workers = mesh.router.workers[:1]
+    pipeline = mesh.pipeline()
+    with pytest.raises(Unavailable, match="after 1 tokens and no other worker can continue it"):
+        await _collect(pipeline, _request("r1"))
+    await pipeline.close()
