@@ -7,12 +7,18 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from tandem.engine.config import ENGINES, EngineConfig
+from tandem.kv.transfer.settings import PullSettings
+
+KV_TRANSPORTS = ("auto", "grpc", "shm")
 
 
 @dataclass(slots=True)
 class DecodeConfig:
+    role: ClassVar[str] = "decode"  # names the service in errors; the prefill worker reuses this class
+
     host: str = "0.0.0.0"
     port: int = 9200  # 0 picks a free port
     advertise_host: str = "127.0.0.1"  # what the router hands to frontends, with the bound port
@@ -32,10 +38,18 @@ class DecodeConfig:
     num_threads: int | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    # Disaggregation: pulling KV from prefill workers (see tandem.kv.transfer.pull.PullSettings).
+    kv_transport: str = "auto"  # auto: shared memory when the prefill worker is on this host, else gRPC
+    kv_streams: int = 2  # parallel PullKv streams per transfer (gRPC)
+    kv_chunk_bytes: int = 1024 * 1024
+    kv_max_retries: int = 3
+    kv_transfer_timeout_s: float = 30.0
+    prefill_timeout_s: float = 60.0  # a remote Prefill call; past it the prompt is prefilled here
+    shm_dir: str = "/dev/shm"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"invalid decode setting {name}: {why}")
+            return ValueError(f"invalid {self.role} setting {name}: {why}")
 
         for name in ("host", "advertise_host"):
             if not getattr(self, name):
@@ -52,8 +66,18 @@ class DecodeConfig:
             raise bad("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
         if self.num_threads is not None and self.num_threads < 1:
             raise bad("num_threads", f"must be at least 1, got {self.num_threads}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise bad("kv_transport", f"{self.kv_transport!r} is not one of {', '.join(KV_TRANSPORTS)}")
+        for name in ("kv_transfer_timeout_s", "prefill_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise bad(name, f"must be > 0, got {getattr(self, name)}")
+        self.pull_settings()
         # Validate the engine settings now, before the model is resolved (which may take a while).
         self.engine_config(Path(self.model or "."))
+
+    def pull_settings(self) -> PullSettings:
+        return PullSettings(max_chunk_bytes=self.kv_chunk_bytes, num_streams=self.kv_streams,
+                            max_retries=self.kv_max_retries)
 
     def engine_config(self, model_path: Path) -> EngineConfig:
         return EngineConfig(
@@ -89,6 +113,13 @@ _FLAGS: dict[str, tuple[str, type | object]] = {
     "--num-threads": ("TANDEM_NUM_THREADS", _optional_int),
     "--device": ("TANDEM_DEVICE", str),
     "--dtype": ("TANDEM_DTYPE", str),
+    "--kv-transport": ("TANDEM_KV_TRANSPORT", str),
+    "--kv-streams": ("TANDEM_KV_STREAMS", int),
+    "--kv-chunk-bytes": ("TANDEM_KV_CHUNK_BYTES", int),
+    "--kv-max-retries": ("TANDEM_KV_MAX_RETRIES", int),
+    "--kv-transfer-timeout-s": ("TANDEM_KV_TRANSFER_TIMEOUT_S", float),
+    "--prefill-timeout-s": ("TANDEM_PREFILL_TIMEOUT_S", float),
+    "--shm-dir": ("TANDEM_SHM_DIR", str),
 }
 _HELP = {
     "--port": "gRPC port, 0 picks a free one",
@@ -101,6 +132,12 @@ _HELP = {
     "--engine": f"one of {', '.join(ENGINES)}",
     "--max-model-len": "context length; default the model's",
     "--num-threads": "torch intra-op threads; default torch's",
+    "--kv-transport": f"how KV comes from prefill workers: {', '.join(KV_TRANSPORTS)} (auto: shm on the same host)",
+    "--kv-streams": "parallel PullKv streams per transfer",
+    "--kv-chunk-bytes": "KV chunk size bound (under gRPC's 4 MiB message limit)",
+    "--kv-max-retries": "times a missing or corrupt chunk is asked for again",
+    "--kv-transfer-timeout-s": "deadline of one KV transfer; past it the prompt is prefilled here",
+    "--prefill-timeout-s": "deadline of a remote Prefill call",
 }
 
 
@@ -108,21 +145,29 @@ def _field_name(flag: str) -> str:
     return "drain_timeout_s" if flag == "--drain-timeout" else flag[2:].replace("-", "_")
 
 
-def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> DecodeConfig:
-    """Flags win over environment variables, which win over the defaults."""
+def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None, *,
+               config_class: type[DecodeConfig] = DecodeConfig,
+               flags: Mapping[str, tuple[str, type | object]] | None = None,
+               help_texts: Mapping[str, str] | None = None) -> DecodeConfig:
+    """Flags win over environment variables, which win over the defaults.
+
+    The prefill worker passes its config class and flag table (it shares the engine settings).
+    """
     env = os.environ if environ is None else environ
-    defaults = DecodeConfig()
-    parser = argparse.ArgumentParser(prog="python -m services.decode", description="Tandem decode worker")
-    for flag, (variable, kind) in _FLAGS.items():
+    defaults = config_class()
+    role = config_class.role
+    parser = argparse.ArgumentParser(prog=f"python -m services.{role}", description=f"Tandem {role} worker")
+    helps = {**_HELP, **(help_texts or {})}
+    for flag, (variable, kind) in (_FLAGS if flags is None else flags).items():
         default = getattr(defaults, _field_name(flag))
         # argparse runs `type` on string defaults too, so a bad environment value is reported here.
         parser.add_argument(
             flag, dest=_field_name(flag), type=kind,  # type: ignore[arg-type]
             default=env.get(variable, "" if default is None else str(default)),
-            help=f"{_HELP.get(flag, '')} (${variable})".strip(),
+            help=f"{helps.get(flag, '')} (${variable})".strip(),
         )
     args = parser.parse_args(argv)
     try:
-        return DecodeConfig(**vars(args))
+        return config_class(**vars(args))
     except ValueError as error:
         parser.error(str(error))
