@@ -12,6 +12,7 @@ import grpc
 import structlog
 from google.protobuf import json_format
 
+from services.frontend.grpc_api import grpc_status_for
 from services.frontend.kserve.codec import (
     Tensor,
     decode_grpc_inputs,
@@ -19,7 +20,7 @@ from services.frontend.kserve.codec import (
     parameters_from_proto,
 )
 from services.frontend.kserve.model import MODEL_VERSION, model_config, model_metadata, server_metadata
-from services.frontend.kserve.service import KServeFrontend, Prepared, ReadyCheck, grpc_status
+from services.frontend.kserve.service import KServeFrontend, Prepared, ReadyCheck
 from services.frontend.pipeline import Pipeline
 from tandem.errors import TandemError
 from tandem.grpc_server import request_id_from_context
@@ -80,7 +81,7 @@ class KServeGrpcServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             self.frontend.check_model(name, version)
         except TandemError as exc:
-            await context.abort(grpc_status(exc), exc.message)
+            await context.abort(*grpc_status_for(exc))
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -90,7 +91,7 @@ class KServeGrpcServicer(pb_grpc.GRPCInferenceServiceServicer):
                                      request_id=request_id_from_context(context))
             tensors = await self.frontend.complete(prepared)
         except TandemError as exc:
-            await context.abort(grpc_status(exc), exc.message)
+            await context.abort(*grpc_status_for(exc))
         return _infer_response(request, tensors, self.frontend.model_name)
 
     async def ModelStreamInfer(
@@ -136,7 +137,8 @@ class KServeGrpcServicer(pb_grpc.GRPCInferenceServiceServicer):
                     response.parameters[FINAL_RESPONSE].bool_param = chunk.final
                 responses.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
         except TandemError as exc:
-            responses.put_nowait(_error_response(request, exc.message, model_name, mark_final))
+            _, message = grpc_status_for(exc)
+            responses.put_nowait(_error_response(request, message, model_name, mark_final))
         except Exception as exc:  # one request's bug must not end the other requests on the stream
             log.exception("stream request failed", request_id=request.id)
             responses.put_nowait(_error_response(request, f"internal error: {exc}", model_name, mark_final))

@@ -1,5 +1,5 @@
 """What the gRPC and HTTP KServe endpoints share: preparing a request through the Pipeline,
-running it to one whole completion or a stream of deltas, readiness, and error mapping."""
+running it to one whole completion or a stream of deltas, and readiness."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-
-import grpc
 
 from services.frontend.kserve.codec import ParameterValue, Tensor
 from services.frontend.kserve.model import check_version
@@ -18,18 +16,6 @@ from tandem.engine.types import FinishReason
 from tandem.errors import InvalidRequest, NotFound, TandemError
 
 ReadyCheck = Callable[[], Awaitable[bool]]
-
-GRPC_STATUS: dict[str, grpc.StatusCode] = {
-    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
-
-def grpc_status(error: TandemError) -> grpc.StatusCode:
-    return GRPC_STATUS.get(error.code, grpc.StatusCode.INTERNAL)
-
 
 @dataclass(slots=True)
 class Prepared:
