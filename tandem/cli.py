@@ -57,6 +57,12 @@ def _up_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _role(proc: subprocess.Popen[bytes]) -> str:
+    """The ``services.<role>`` module a child runs, for messages."""
+    args = proc.args if isinstance(proc.args, list) else [proc.args]
+    return next((str(a) for a in args if str(a).startswith("services.")), str(args[0]))
+
+
 def _port(requested: int) -> int:
     return requested if requested else procs.free_port()
 
@@ -67,8 +73,7 @@ def _wait_ready(mesh: Mesh, checks: list[tuple[str, object]], timeout_s: float) 
     while pending:
         for proc in mesh.all():
             if proc.poll() is not None:
-                raise RuntimeError(f"{' '.join(map(str, proc.args[2:4]))} exited with code {proc.returncode} "
-                                   "during start-up")
+                raise RuntimeError(f"{_role(proc)} exited with code {proc.returncode} during start-up")
         pending = [(name, check) for name, check in pending if not check()]  # type: ignore[operator]
         if not pending:
             return
@@ -127,7 +132,7 @@ def up(argv: list[str]) -> int:
         while not stopping:
             for proc in [mesh.router, mesh.frontend]:
                 if proc is not None and proc.poll() is not None:
-                    print(f"tandem: {proc.args[2]} exited with code {proc.returncode}; stopping", file=sys.stderr)
+                    print(f"tandem: {_role(proc)} exited with code {proc.returncode}; stopping", file=sys.stderr)
                     return 1
             for proc in mesh.workers:
                 if proc.returncode is None and proc.poll() is not None:

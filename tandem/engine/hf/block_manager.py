@@ -24,7 +24,7 @@ class BlockManager:
     """Owns every block of one KV pool. Not thread-safe: only the engine's step thread calls it."""
 
     def __init__(self, num_blocks: int, block_size: int,
-                 on_event: Callable[[str, list[int]], None] | None = None) -> None:
+                 on_event: Callable[[str, list[int]], object] | None = None) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.blocks = [Block(i) for i in range(num_blocks)]

@@ -11,7 +11,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,7 +170,7 @@ class HFEngine:
             yield out
 
     async def _relay(self, request: EngineRequest, updates: asyncio.Queue[_Update],
-                     preset: list[_Update]) -> AsyncIterator[RequestOutput]:
+                     preset: list[_Update]) -> AsyncGenerator[RequestOutput, None]:
         """Turn a request's token updates into text deltas; abort it if the consumer leaves early.
 
         ``preset`` updates (a first token made elsewhere) are emitted before the engine's own.
@@ -234,7 +234,7 @@ class HFEngine:
             self._streams.pop(seq.request_id, None)
         if update.finish_reason in (FinishReason.ABORT, FinishReason.ERROR):
             raise RuntimeError(update.error or "prefill aborted")
-        reason = None if update.finish_reason is FinishReason.LENGTH else update.finish_reason
+        reason: FinishReason | None = None if update.finish_reason is FinishReason.LENGTH else update.finish_reason
         if request.sampling.max_tokens == 1:
             reason = FinishReason.LENGTH
         return PrefillResult(seq.request_id, update.token_ids[-1], reason, seq.num_prompt_tokens,

@@ -47,7 +47,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     """transformers attention hook: query [1, H, T, D], key/value [1, KVH, T, D] for the new tokens."""
     runner: ModelRunner = kwargs["tandem_runner"]
     meta: StepMetadata = kwargs["tandem_step"]
-    layer = module.layer_idx
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
     k_pool, v_pool = runner.k_cache[layer], runner.v_cache[layer]  # [slots, KVH, D]
     k_pool.index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))
     v_pool.index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
@@ -88,7 +88,7 @@ class ModelRunner:
         self.dtype = _DTYPES[dtype]
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=self.dtype, attn_implementation=ATTENTION_NAME
-        ).to(self.device)
+        ).to(self.device)  # type: ignore[arg-type]
         self.model.eval()
         config = self.model.config
         self.config = config
