@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from services.router.policy import POLICIES
 
+KV_DECODE_BLOCKS = ("shared", "per-request")
+
 
 @dataclass(slots=True)
 class RouterConfig:
@@ -28,6 +30,9 @@ class RouterConfig:
     kv_approximate: bool = False
     # Approximate mode: how long a routed prefix is assumed to stay cached.
     kv_approx_ttl_s: float = 120.0
+    # "shared": a block several active requests hold counts once (memory); "per-request": each
+    # request counts its whole context (attention compute), spreading hot prefixes much sooner.
+    kv_decode_blocks: str = "shared"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -51,6 +56,8 @@ class RouterConfig:
             raise bad("kv_temperature", f"must be >= 0, got {self.kv_temperature}")
         if not self.kv_approx_ttl_s > 0:
             raise bad("kv_approx_ttl_s", f"must be > 0, got {self.kv_approx_ttl_s}")
+        if self.kv_decode_blocks not in KV_DECODE_BLOCKS:
+            raise bad("kv_decode_blocks", f"{self.kv_decode_blocks!r} is not one of {', '.join(KV_DECODE_BLOCKS)}")
 
 
 def _env(environ: Mapping[str, str], name: str, default: object) -> str:
@@ -89,6 +96,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     parser.add_argument("--kv-approx-ttl-s", type=float,
                         default=_env(env, "TANDEM_ROUTER_KV_APPROX_TTL_S", defaults.kv_approx_ttl_s),
                         help="approximate mode: seconds a routed prefix is assumed cached")
+    parser.add_argument("--kv-decode-blocks", choices=KV_DECODE_BLOCKS,
+                        default=_env(env, "TANDEM_ROUTER_KV_DECODE_BLOCKS", defaults.kv_decode_blocks),
+                        help="kv policy: count blocks shared by active requests once, or per request")
     # argparse runs `type` on string defaults too, so a bad environment value is reported here.
     args = parser.parse_args(argv)
     try:
@@ -97,6 +107,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
             worker_stale_s=args.worker_stale_s, grace_s=args.grace_s,
             kv_overlap_weight=args.kv_overlap_weight, kv_temperature=args.kv_temperature,
             kv_approximate=args.kv_approximate, kv_approx_ttl_s=args.kv_approx_ttl_s,
+            kv_decode_blocks=args.kv_decode_blocks,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -24,20 +24,22 @@ class _Request:
 @dataclass(slots=True)
 class _WorkerLoad:
     prefill_tokens: int = 0
-    # Blocks of active requests counted once per hash: requests sharing a system prompt share
-    # its blocks on the worker too, so a hot prefix does not look N times its size.
+    # Active requests' shared (prefix) blocks, by hash, with the number of requests holding each.
     block_refs: dict[int, int] = field(default_factory=dict)
     num_private_blocks: int = 0
+    num_request_blocks: int = 0  # every active request's blocks, shared ones once per request
     # From the last load report: blocks in use beyond what the router predicted.
     num_untracked_blocks: int = 0
-
-    @property
-    def num_tracked_blocks(self) -> int:
-        return len(self.block_refs) + self.num_private_blocks
 
 
 class LoadTracker:
     """Active prefill tokens and decode blocks per worker, from the router's own decisions.
+
+    With ``share_blocks`` (the default, as Dynamo's router counts) a block that several active
+    requests hold counts once, as it does in the worker's memory: requests sharing a hot system
+    prompt add only their own blocks, so the worker holding it takes many of them before a cold
+    prefill elsewhere looks cheaper. Without it each request counts its whole context (the
+    attention each decode step computes), which spreads a hot prefix after one or two requests.
 
     Feedback may be lost (a frontend dies mid-request), so a request that reports no first
     token within ``prefill_timeout_s`` is assumed to be decoding, and one that reports no finish
@@ -45,13 +47,14 @@ class LoadTracker:
     """
 
     def __init__(self, prefill_timeout_s: float = 60.0, request_ttl_s: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, share_blocks: bool = True) -> None:
         if not 0 < prefill_timeout_s <= request_ttl_s:
             raise ValueError("invalid router setting prefill_timeout_s: must be > 0 and <= request_ttl_s, "
                              f"got {prefill_timeout_s} (request_ttl_s={request_ttl_s})")
         self._prefill_timeout_s = prefill_timeout_s
         self._request_ttl_s = request_ttl_s
         self._clock = clock
+        self.share_blocks = share_blocks
         self._workers: dict[str, _WorkerLoad] = {}
         # Both in routing order, so expiry pops from the front instead of scanning everything.
         self._requests: OrderedDict[str, _Request] = OrderedDict()
@@ -68,7 +71,32 @@ class LoadTracker:
 
     def decode_blocks(self, worker_id: str) -> int:
         load = self._workers.get(worker_id)
-        return load.num_tracked_blocks + load.num_untracked_blocks if load else 0
+        return self._tracked_blocks(load) + load.num_untracked_blocks if load else 0
+
+    def _tracked_blocks(self, load: _WorkerLoad) -> int:
+        if self.share_blocks:
+            return len(load.block_refs) + load.num_private_blocks
+        return load.num_request_blocks
+
+    def num_active_leading(self, worker_id: str, block_hashes: Sequence[int]) -> int:
+        """How many leading ``block_hashes`` active requests on the worker already hold (0 unless
+        ``share_blocks``: only then does holding them make a request cheaper).
+
+        A binary search: tracked hashes are whole chains from a prompt's first block, and a
+        chained hash implies every block before it, so the held ones form a leading run.
+        """
+        load = self._workers.get(worker_id)
+        if load is None or not load.block_refs or not self.share_blocks:
+            return 0
+        refs = load.block_refs
+        low, high = 0, len(block_hashes)
+        while low < high:
+            middle = (low + high) // 2
+            if block_hashes[middle] in refs:
+                low = middle + 1
+            else:
+                high = middle
+        return low
 
     def num_active(self, worker_id: str) -> int:
         return sum(1 for request in self._requests.values() if request.worker_id == worker_id)
@@ -88,6 +116,7 @@ class LoadTracker:
         for block_hash in request.block_hashes:
             refs[block_hash] = refs.get(block_hash, 0) + 1
         load.num_private_blocks += num_private_blocks
+        load.num_request_blocks += len(request.block_hashes) + num_private_blocks
         self._requests[request_id] = request
         if request.prefill_tokens:
             self._prefilling[request_id] = None
@@ -120,6 +149,7 @@ class LoadTracker:
             else:
                 del refs[block_hash]
         load.num_private_blocks -= request.num_private_blocks
+        load.num_request_blocks -= len(request.block_hashes) + request.num_private_blocks
 
     # -- corrections ---------------------------------------------------------------------------
 
@@ -130,7 +160,7 @@ class LoadTracker:
         a moment ago that the worker has not admitted yet, which must stay counted.
         """
         load = self._workers.setdefault(worker_id, _WorkerLoad())
-        load.num_untracked_blocks = max(0, num_kv_blocks_used - load.num_tracked_blocks)
+        load.num_untracked_blocks = max(0, num_kv_blocks_used - self._tracked_blocks(load))
 
     def remove_worker(self, worker_id: str) -> None:
         self._workers.pop(worker_id, None)

@@ -85,7 +85,7 @@ class WorkerCost:
     worker_id: str
     num_cached_blocks: int  # leading prompt blocks the worker already holds
     prefill_blocks: float  # its queued prefill plus this prompt's uncached part, in blocks
-    decode_blocks: int  # blocks its active requests hold, plus this request's
+    decode_blocks: int  # blocks its active requests hold, plus those this request would add
     cost: float
 
 
@@ -178,7 +178,9 @@ class KvRouter:
             for worker_id in worker_ids:
                 cached = overlaps[worker_id]
                 prefill = (tracker.prefill_tokens(worker_id) + num_tokens - cached * block_size) / block_size
-                decode = tracker.decode_blocks(worker_id) + request_blocks
+                # Blocks that running requests already hold (a shared system prompt) add nothing.
+                shared = tracker.num_active_leading(worker_id, prompt.first(cached)) if cached else 0
+                decode = tracker.decode_blocks(worker_id) + request_blocks - shared
                 costs.append(WorkerCost(worker_id, cached, prefill, decode,
                                         weights.overlap_weight * prefill + decode))
         return KvEvaluation(costs, prompts, {worker_id: size for worker_id, size in candidates})

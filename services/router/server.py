@@ -14,6 +14,7 @@ from services.router.config import RouterConfig
 from services.router.kv_approx import ApproximateCache
 from services.router.kv_feed import KvFeed
 from services.router.kv_index import KvIndex
+from services.router.kv_load import LoadTracker
 from services.router.kv_metrics import KvMetrics
 from services.router.kv_scorer import KvRouter, KvWeights
 from services.router.metrics import RouterMetrics
@@ -71,7 +72,8 @@ async def serve(config: RouterConfig, *, rng: random.Random | None = None) -> Ru
     metrics = RouterMetrics(CollectorRegistry())
     # The KV view is kept whatever the policy (events are cheap); only `kv` routes by it.
     kv_index = KvIndex()
-    kv = KvRouter(kv_index, approximate=ApproximateCache(kv_index, config.kv_approx_ttl_s),
+    kv = KvRouter(kv_index, LoadTracker(share_blocks=config.kv_decode_blocks == "shared"),
+                  approximate=ApproximateCache(kv_index, config.kv_approx_ttl_s),
                   weights=KvWeights(config.kv_overlap_weight, config.kv_temperature), rng=rng)
     kv_metrics = KvMetrics(metrics.registry)
     kv_feed = KvFeed(kv, kv_metrics, approximate_only=config.kv_approximate)

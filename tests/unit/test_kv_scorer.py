@@ -27,11 +27,12 @@ class FakeClock:
         return self.now
 
 
-def _router(workers: dict[str, bool], clock: FakeClock | None = None, **weights: float) -> KvRouter:
+def _router(workers: dict[str, bool], clock: FakeClock | None = None, *, share_blocks: bool = True,
+            **weights: float) -> KvRouter:
     clock = clock or FakeClock()
     index = KvIndex()
-    router = KvRouter(index, LoadTracker(clock=clock), ApproximateCache(index, ttl_s=60, clock=clock),
-                      KvWeights(**weights), random.Random(0))
+    router = KvRouter(index, LoadTracker(clock=clock, share_blocks=share_blocks),
+                      ApproximateCache(index, ttl_s=60, clock=clock), KvWeights(**weights), random.Random(0))
     for worker_id, publishes in workers.items():
         router.add_worker(worker_id, publishes_events=publishes)
     return router
@@ -118,14 +119,16 @@ def test_bad_overrides_are_refused_with_the_setting_named(overlap_weight: float 
         KvWeights().override(overlap_weight, temperature)
 
 
-def test_load_is_predicted_at_routing_moved_at_first_token_released_at_finish() -> None:
-    tracker = LoadTracker(clock=FakeClock())
+@pytest.mark.parametrize(("share_blocks", "both_blocks"), [(False, 4 + 4), (True, 4 + 2)])
+def test_load_is_predicted_at_routing_moved_at_first_token_released_at_finish(share_blocks: bool,
+                                                                              both_blocks: int) -> None:
+    tracker = LoadTracker(clock=FakeClock(), share_blocks=share_blocks)
     tracker.on_routed("r1", "w", prefill_tokens=100, block_hashes=[1, 2, 3], num_private_blocks=1)
     tracker.on_routed("r2", "w", prefill_tokens=40, block_hashes=[1, 2, 9], num_private_blocks=1)
-    assert (tracker.prefill_tokens("w"), tracker.decode_blocks("w")) == (140, 4 + 2)  # 1, 2 shared
+    assert (tracker.prefill_tokens("w"), tracker.decode_blocks("w")) == (140, both_blocks)  # 1, 2 shared
     tracker.on_first_token("r1")
     tracker.on_first_token("r1")  # repeated feedback is harmless
-    assert (tracker.prefill_tokens("w"), tracker.decode_blocks("w")) == (40, 6)
+    assert (tracker.prefill_tokens("w"), tracker.decode_blocks("w")) == (40, both_blocks)
     tracker.on_finished("r1")
     assert (tracker.prefill_tokens("w"), tracker.decode_blocks("w")) == (40, 3 + 1)
     tracker.on_finished("r2")
@@ -162,13 +165,16 @@ def test_lost_feedback_expires() -> None:
     assert tracker.decode_blocks("w") == 0
 
 
-def test_a_hot_prefix_stays_on_its_worker_until_that_worker_is_busy_then_spreads() -> None:
-    router = _router({"a": True, "b": True})
+@pytest.mark.parametrize(("share_blocks", "num_stay"), [(False, 1), (True, 10)])
+def test_a_hot_prefix_stays_on_its_worker_until_that_worker_is_busy_then_spreads(share_blocks: bool,
+                                                                                 num_stay: int) -> None:
+    router = _router({"a": True, "b": True}, share_blocks=share_blocks)
     router.index.store("a", hash_blocks(SYSTEM, BS))
-    chosen = [_route(router, f"r{i}", _question(i), ["a", "b"]).worker_id for i in range(12)]
-    assert chosen[0] == "a"
-    assert "b" in chosen  # in flight on a, the prefill queue outweighs the hit
-    for i in range(12):
+    chosen = [_route(router, f"r{i}", _question(i), ["a", "b"]).worker_id for i in range(24)]
+    # Counting shared blocks once, a's running requests make more of them look cheap.
+    assert chosen[:num_stay] == ["a"] * num_stay
+    assert "b" in chosen  # until a's queued prefill and blocks outweigh prefilling on b
+    for i in range(24):
         router.on_first_token(f"r{i}")
         router.on_finished(f"r{i}")
     assert _route(router, "later", _question(99), ["a", "b"]).worker_id == "a"
@@ -234,3 +240,16 @@ def test_workers_with_different_block_sizes_are_each_hashed_their_own_way() -> N
     costs = {c.worker_id: c for c in evaluation.costs}
     assert costs["big"].num_cached_blocks == 32 and costs["small"].num_cached_blocks == 0
     assert router.pick(evaluation).worker_id == "big"
+
+
+def test_with_shared_blocks_what_running_requests_hold_is_not_counted_again() -> None:
+    router = _router({"a": True}, share_blocks=True)
+    hashes = hash_blocks(SYSTEM, BS)
+    router.index.store("a", hashes)
+    router.tracker.on_routed("running", "a", 0, hashes, 2)  # holds the whole system prompt
+    (cost,) = router.evaluate(_question(1), [("a", BS)]).costs
+    assert cost.decode_blocks == (64 + 2) + (66 - 64)  # active + only this request's own blocks
+    tracker = LoadTracker(clock=FakeClock(), share_blocks=True)
+    tracker.on_routed("r", "w", 0, hashes[:10], 1)
+    assert [tracker.num_active_leading("w", hashes[:n]) for n in (0, 5, 10, 64)] == [0, 5, 10, 10]
+    assert tracker.num_active_leading("idle", hashes) == 0
