@@ -84,12 +84,14 @@ class RoutingOverrides(_message.Message):
     def __init__(self, kv_overlap_weight: _Optional[float] = ..., kv_temperature: _Optional[float] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("worker_id", "address")
+    __slots__ = ("worker_id", "address", "prefill")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    prefill: _worker_pb2.PrefillHint
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., prefill: _Optional[_Union[_worker_pb2.PrefillHint, _Mapping]] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("register", "load", "kv_events", "kv_snapshot", "progress")
