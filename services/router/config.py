@@ -8,7 +8,9 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from services.router.health_watch import HealthWatchConfig
 from services.router.policy import POLICIES
+from tandem.discovery.consul import REGISTRIES, ConsulSettings
 
 KV_DECODE_BLOCKS = ("shared", "per-request")
 
@@ -30,6 +32,26 @@ class RouterConfig:
     kv_approximate: bool = False
     # Approximate mode: how long a routed prefix is assumed to stay cached.
     kv_approx_ttl_s: float = 120.0
+    # Failure detection (services/router/health_watch.py): each worker's health is probed this often;
+    # an unanswered probe after the timeout quarantines it (a hung worker leaves routing in ~1.5 s).
+    health_probe_interval_s: float = 0.5
+    health_probe_timeout_s: float = 1.0
+    quarantine_min_s: float = 1.0  # a quarantined worker is restored no sooner than this
+    # Where workers are listed: "embedded" (they register over RegisterWorker) or "consul".
+    registry: str = "embedded"
+    consul_address: str = "127.0.0.1:8500"
+    consul_service_prefix: str = "tandem"
+    consul_check_interval_s: float = 1.0  # the router's own registration's gRPC check
+    consul_deregister_after_s: float = 60.0
+    advertise_host: str = "127.0.0.1"  # the host Consul is given for this router
+
+    def health_watch(self) -> HealthWatchConfig:
+        return HealthWatchConfig(self.health_probe_interval_s, self.health_probe_timeout_s, self.quarantine_min_s)
+
+    def consul(self) -> ConsulSettings:
+        return ConsulSettings(address=self.consul_address, service_prefix=self.consul_service_prefix,
+                              check_interval_s=self.consul_check_interval_s,
+                              deregister_after_s=self.consul_deregister_after_s)
     # "shared": a block several active requests hold counts once (memory); "per-request": each
     # request counts its whole context (attention compute), spreading hot prefixes much sooner.
     kv_decode_blocks: str = "shared"
@@ -56,6 +78,14 @@ class RouterConfig:
             raise bad("kv_temperature", f"must be >= 0, got {self.kv_temperature}")
         if not self.kv_approx_ttl_s > 0:
             raise bad("kv_approx_ttl_s", f"must be > 0, got {self.kv_approx_ttl_s}")
+        if self.registry not in REGISTRIES:
+            raise bad("registry", f"{self.registry!r} is not one of {', '.join(REGISTRIES)}")
+        try:
+            self.health_watch()
+            if self.registry == "consul":
+                self.consul()
+        except ValueError as error:
+            raise ValueError(str(error).replace("invalid setting", "invalid router setting", 1)) from None
         if self.kv_decode_blocks not in KV_DECODE_BLOCKS:
             raise bad("kv_decode_blocks", f"{self.kv_decode_blocks!r} is not one of {', '.join(KV_DECODE_BLOCKS)}")
 
@@ -99,6 +129,30 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     parser.add_argument("--kv-decode-blocks", choices=KV_DECODE_BLOCKS,
                         default=_env(env, "TANDEM_ROUTER_KV_DECODE_BLOCKS", defaults.kv_decode_blocks),
                         help="kv policy: count blocks shared by active requests once, or per request")
+    parser.add_argument("--health-probe-interval-s", type=float,
+                        default=_env(env, "TANDEM_HEALTH_PROBE_INTERVAL_S", defaults.health_probe_interval_s),
+                        help="seconds between gRPC health probes of each worker")
+    parser.add_argument("--health-probe-timeout-s", type=float,
+                        default=_env(env, "TANDEM_HEALTH_PROBE_TIMEOUT_S", defaults.health_probe_timeout_s),
+                        help="an unanswered probe after this long takes the worker out of routing")
+    parser.add_argument("--quarantine-min-s", type=float,
+                        default=_env(env, "TANDEM_QUARANTINE_MIN_S", defaults.quarantine_min_s),
+                        help="a failed worker is restored by a healthy probe no sooner than this")
+    parser.add_argument("--registry", choices=REGISTRIES, default=_env(env, "TANDEM_REGISTRY", defaults.registry),
+                        help="embedded: workers register with the router; consul: follow the catalogue")
+    parser.add_argument("--consul-address", default=_env(env, "TANDEM_CONSUL_ADDRESS", defaults.consul_address),
+                        help="host:port of the local Consul agent's HTTP API ($TANDEM_CONSUL_ADDRESS)")
+    parser.add_argument("--consul-service-prefix", default=_env(env, "TANDEM_CONSUL_SERVICE_PREFIX",
+                                                                defaults.consul_service_prefix),
+                        help="services are named PREFIX-decode, PREFIX-prefill, PREFIX-router")
+    parser.add_argument("--consul-check-interval-s", type=float,
+                        default=_env(env, "TANDEM_CONSUL_CHECK_INTERVAL_S", defaults.consul_check_interval_s),
+                        help="interval of the router's own gRPC check in Consul")
+    parser.add_argument("--consul-deregister-after-s", type=float,
+                        default=_env(env, "TANDEM_CONSUL_DEREGISTER_AFTER_S", defaults.consul_deregister_after_s),
+                        help="Consul drops a registration critical this long (>= 60)")
+    parser.add_argument("--advertise-host", default=_env(env, "TANDEM_ADVERTISE_HOST", defaults.advertise_host),
+                        help="host given to Consul for this router ($TANDEM_ADVERTISE_HOST)")
     # argparse runs `type` on string defaults too, so a bad environment value is reported here.
     args = parser.parse_args(argv)
     try:
@@ -108,6 +162,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
             kv_overlap_weight=args.kv_overlap_weight, kv_temperature=args.kv_temperature,
             kv_approximate=args.kv_approximate, kv_approx_ttl_s=args.kv_approx_ttl_s,
             kv_decode_blocks=args.kv_decode_blocks,
+            health_probe_interval_s=args.health_probe_interval_s, health_probe_timeout_s=args.health_probe_timeout_s,
+            quarantine_min_s=args.quarantine_min_s, registry=args.registry, consul_address=args.consul_address,
+            consul_service_prefix=args.consul_service_prefix, consul_check_interval_s=args.consul_check_interval_s,
+            consul_deregister_after_s=args.consul_deregister_after_s, advertise_host=args.advertise_host,
         )
     except ValueError as error:
         parser.error(str(error))

@@ -11,6 +11,8 @@ import structlog
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.router.config import RouterConfig
+from services.router.consul_registry import ConsulRegistry
+from services.router.health_watch import HealthMetrics, WorkerHealthMonitor
 from services.router.kv_approx import ApproximateCache
 from services.router.kv_feed import KvFeed
 from services.router.kv_index import KvIndex
@@ -19,8 +21,9 @@ from services.router.kv_metrics import KvMetrics
 from services.router.kv_scorer import KvRouter, KvWeights
 from services.router.metrics import RouterMetrics
 from services.router.policy import build_policy
-from services.router.registry import EmbeddedRegistry
+from services.router.registry import EmbeddedRegistry, WorkerRegistry
 from services.router.servicer import RouterServicer
+from tandem.discovery.consul import ConsulRegistration
 from tandem.grpc_server import GrpcService
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 
@@ -42,6 +45,9 @@ class RunningRouter:
     _grpc: GrpcService
     _servicer: RouterServicer
     _metrics_server: WSGIServer | None
+    health: WorkerHealthMonitor | None = None
+    catalogue: ConsulRegistry | None = None  # when the workers are listed by Consul
+    _consul_registration: ConsulRegistration | None = None
     _stopped: bool = False
 
     @property
@@ -53,8 +59,14 @@ class RunningRouter:
         if self._stopped:
             return
         self._stopped = True
+        if self._consul_registration is not None:
+            await self._consul_registration.stop()
         await self._grpc.set_serving(False)
         self._servicer.close_streams()
+        if self.health is not None:
+            await self.health.stop()
+        if self.catalogue is not None:
+            await self.catalogue.stop()
         await self._grpc.stop(self.config.grace_s if grace_s is None else grace_s)
         if self._metrics_server is not None:
             # shutdown() waits out serve_forever's 0.5 s poll; keep it off the event loop.
@@ -78,7 +90,10 @@ async def serve(config: RouterConfig, *, rng: random.Random | None = None) -> Ru
     kv_metrics = KvMetrics(metrics.registry)
     kv_feed = KvFeed(kv, kv_metrics, approximate_only=config.kv_approximate)
     policy = build_policy(config.policy, rng, kv=kv, kv_metrics=kv_metrics)
-    servicer = RouterServicer(registry, policy, metrics, kv_feed)
+    catalogue = ConsulRegistry(config.consul()) if config.registry == "consul" else None
+    listed: WorkerRegistry = catalogue if catalogue is not None else registry
+    health = WorkerHealthMonitor(listed, HealthMetrics(metrics.registry), config.health_watch())
+    servicer = RouterServicer(registry, policy, metrics, kv_feed, health=health, catalogue=catalogue)
     grpc_service = GrpcService(config.host, config.port, [SERVICE_NAME])
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, grpc_service.server)
     metrics_server: WSGIServer | None = None
@@ -87,9 +102,20 @@ async def serve(config: RouterConfig, *, rng: random.Random | None = None) -> Ru
         metrics_server, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
         metrics_port = metrics_server.server_address[1]
     await grpc_service.start()
+    if catalogue is not None:
+        catalogue.start()
+    health.start()
     await grpc_service.set_serving(True)
-    log.info("router serving", port=grpc_service.port, metrics_port=metrics_port, policy=config.policy)
+    consul_registration = None
+    if catalogue is not None:
+        address = f"{config.advertise_host}:{grpc_service.port}"
+        consul_registration = ConsulRegistration(config.consul(), role="router", service_id=f"router-{address}",
+                                                 address=address, meta={"policy": config.policy})
+        consul_registration.start()
+    log.info("router serving", port=grpc_service.port, metrics_port=metrics_port, policy=config.policy,
+             registry=config.registry)
     return RunningRouter(
         config=config, port=grpc_service.port, metrics_port=metrics_port, metrics=metrics, registry=registry,
         kv_feed=kv_feed, _grpc=grpc_service, _servicer=servicer, _metrics_server=metrics_server,
+        health=health, catalogue=catalogue, _consul_registration=consul_registration,
     )

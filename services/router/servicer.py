@@ -1,4 +1,5 @@
-"""The RouterService gRPC handlers: Route, RegisterWorker (the embedded registry's stream), ListWorkers."""
+"""The RouterService gRPC handlers: Route, RegisterWorker (the embedded registry's stream), ListWorkers,
+ReportWorkerFailure."""
 
 from __future__ import annotations
 
@@ -10,10 +11,18 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
+from services.router.health_watch import WorkerHealthMonitor
 from services.router.kv_feed import KvFeed
 from services.router.metrics import RouterMetrics
 from services.router.policy import NoWorkerAvailable, RouteContext, RoutingPolicy
-from services.router.registry import EmbeddedRegistry, WorkerInfo, WorkerLoad, WorkerRole
+from services.router.registry import (
+    EmbeddedRegistry,
+    WorkerInfo,
+    WorkerLoad,
+    WorkerRegistry,
+    WorkerRole,
+    WorkerSnapshot,
+)
 from tandem.errors import InvalidRequest
 from tandem.grpc_server import bind_request_id, request_id_from_context
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
@@ -23,6 +32,11 @@ log = structlog.get_logger("router")
 
 _ROLES = {router_pb2.WORKER_ROLE_DECODE: WorkerRole.DECODE, router_pb2.WORKER_ROLE_PREFILL: WorkerRole.PREFILL}
 _ROLES_TO_PROTO = {role: number for number, role in _ROLES.items()}
+_FAILURE_KINDS = {
+    router_pb2.WORKER_FAILURE_KIND_UNREACHABLE: "unreachable",
+    router_pb2.WORKER_FAILURE_KIND_STALLED: "stalled",
+    router_pb2.WORKER_FAILURE_KIND_STREAM_BROKEN: "stream_broken",
+}
 
 
 def info_from_proto(message: router_pb2.WorkerInfo) -> WorkerInfo:
@@ -67,11 +81,15 @@ def _load_to_proto(load: WorkerLoad) -> worker_pb2.WorkerLoad:
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, registry: EmbeddedRegistry, policy: RoutingPolicy, metrics: RouterMetrics,
-                 kv_feed: KvFeed | None = None) -> None:
+                 kv_feed: KvFeed | None = None, *, health: WorkerHealthMonitor | None = None,
+                 catalogue: WorkerRegistry | None = None) -> None:
         self._registry = registry
         self._policy = policy
         self._metrics = metrics
         self._kv_feed = kv_feed
+        self._health = health
+        # Set when another backend (Consul) lists the workers; RegisterWorker streams are then refused.
+        self._catalogue = catalogue
         # Set on shutdown: registration streams never end on their own, so they are ended here
         # rather than holding the server for its whole grace period.
         self._closing = asyncio.Event()
@@ -88,7 +106,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             bind_request_id(request_id)
         try:
             route_context = self._route_context(request, request_id)
-            decision = self._policy.select(route_context, self._registry.snapshot())
+            decision = self._policy.select(route_context, self._snapshot())
         except InvalidRequest as error:
             self._metrics.observe_decision("invalid", time.perf_counter() - started)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
@@ -97,7 +115,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             log.warning("route failed", model=request.model, reason=error.message)
             await context.abort(grpc.StatusCode.UNAVAILABLE, error.message)
         worker = decision.worker
-        self._registry.note_routed(worker.worker_id)
+        (self._catalogue or self._registry).note_routed(worker.worker_id)
         self._metrics.observe_decision("routed", time.perf_counter() - started)
         log.debug("routed", worker_id=worker.worker_id, score=round(decision.score, 3),
                   num_candidates=decision.num_candidates)
@@ -127,6 +145,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         request_iterator: AsyncIterator[router_pb2.RegisterWorkerRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[router_pb2.RegisterWorkerResponse]:
+        if self._catalogue is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this router follows the Consul catalogue: register the worker with Consul")
         worker_id = ""
         registration_id = 0
         messages = aiter(request_iterator)
@@ -165,6 +186,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                             "register: the first message must be a registration")
                     current = self._registry.report_load(worker_id, registration_id, load_from_proto(message.load))
+                    if current and self._health is not None:
+                        self._health.note_alive(worker_id)
                     if current and self._kv_feed is not None:
                         self._kv_feed.on_load(worker_id, message.load.num_kv_blocks_used,
                                               message.load.num_kv_blocks_total)
@@ -205,8 +228,28 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return router_pb2.ListWorkersResponse(
             workers=[
                 router_pb2.WorkerStatus(
-                    info=_info_to_proto(worker.info), load=_load_to_proto(worker.load), healthy=worker.healthy
+                    info=_info_to_proto(worker.info), load=_load_to_proto(worker.load), healthy=worker.healthy,
+                    unhealthy_reason=self._health.reason(worker.worker_id) if self._health else "",
                 )
-                for worker in sorted(self._registry.snapshot(), key=lambda worker: worker.worker_id)
+                for worker in sorted(self._snapshot(), key=lambda worker: worker.worker_id)
             ]
         )
+
+    async def ReportWorkerFailure(  # noqa: N802
+        self, request: router_pb2.ReportWorkerFailureRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ReportWorkerFailureResponse:
+        kind = _FAILURE_KINDS.get(request.kind)
+        if not request.worker_id or kind is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "worker_id and kind (a WORKER_FAILURE_KIND other than UNSPECIFIED) are required")
+        if self._health is None:
+            return router_pb2.ReportWorkerFailureResponse(quarantined=False)
+        quarantined = self._health.report(request.worker_id, request.address, kind,  # type: ignore[arg-type]
+                                          request.detected_after_s or None)
+        log.info("worker failure reported", worker_id=request.worker_id, kind=kind, detail=request.detail,
+                 quarantined=quarantined)
+        return router_pb2.ReportWorkerFailureResponse(quarantined=quarantined)
+
+    def _snapshot(self) -> list[WorkerSnapshot]:
+        workers = (self._catalogue or self._registry).snapshot()
+        return self._health.apply(workers) if self._health is not None else workers

@@ -1,0 +1,192 @@
+"""The router's early failure detection against workers reduced to a health service and a
+registration stream: NOT_SERVING, a dead server, a hung one, and failure reports from callers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.decode.registration import RouterRegistration
+from services.router.config import RouterConfig
+from services.router.server import RunningRouter, serve
+from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
+from tandem.proto.worker.v1 import worker_pb2
+
+pytestmark = pytest.mark.integration
+
+PROBE_INTERVAL_S, PROBE_TIMEOUT_S, QUARANTINE_MIN_S = 0.05, 0.3, 0.2
+
+
+class HangableHealth(health.aio.HealthServicer):
+    """The standard health servicer, except that it can stop answering (a SIGSTOPped process)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answering = asyncio.Event()
+        self.answering.set()
+
+    async def Check(self, request, context):  # noqa: N802
+        await self.answering.wait()
+        return await super().Check(request, context)
+
+
+class Worker:
+    """A health service plus the registration stream a decode worker keeps with the router."""
+
+    def __init__(self, router_address: str, worker_id: str) -> None:
+        self.health = HangableHealth()
+        self.server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.worker_id = worker_id
+        info = router_pb2.WorkerInfo(worker_id=worker_id, role=router_pb2.WORKER_ROLE_DECODE,
+                                     address=f"127.0.0.1:{self.port}", model="m")
+        self.registration = RouterRegistration(router_address, info, lambda: worker_pb2.WorkerLoad(
+            num_kv_blocks_total=100, num_free_queue_slots=8), heartbeat_s=0.1)
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.registration.start()
+        await self.registration.wait_registered(5)
+
+    async def stop(self) -> None:
+        await self.registration.stop()
+        await self.server.stop(0)
+
+
+@pytest.fixture
+async def router() -> AsyncIterator[RunningRouter]:
+    running = await serve(RouterConfig(
+        host="127.0.0.1", port=0, metrics_port=0, health_probe_interval_s=PROBE_INTERVAL_S,
+        health_probe_timeout_s=PROBE_TIMEOUT_S, quarantine_min_s=QUARANTINE_MIN_S))
+    yield running
+    await running.stop(grace_s=0)
+
+
+@pytest.fixture
+async def stub(router: RunningRouter) -> AsyncIterator[router_pb2_grpc.RouterServiceStub]:
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        yield router_pb2_grpc.RouterServiceStub(channel)
+
+
+@pytest.fixture
+async def worker(router: RunningRouter) -> AsyncIterator[Worker]:
+    running = Worker(router.address, "w1")
+    await running.start()
+    await _until(lambda: _watched(router, "w1"))
+    yield running
+    await running.stop()
+
+
+def _watched(router: RunningRouter, worker_id: str) -> bool:
+    assert router.health is not None
+    watched = router.health._watched.get(worker_id)
+    return watched is not None and watched.contacted
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, "condition not met in time"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - started
+
+
+async def _status(stub: router_pb2_grpc.RouterServiceStub) -> router_pb2.WorkerStatus:
+    (status,) = (await stub.ListWorkers(router_pb2.ListWorkersRequest())).workers
+    return status
+
+
+async def _routable(stub: router_pb2_grpc.RouterServiceStub) -> bool:
+    try:
+        await stub.Route(router_pb2.RouteRequest(request_id="r", model="m", token_ids=[1]))
+    except grpc.aio.AioRpcError as error:
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        return False
+    return True
+
+
+def _sample(router: RunningRouter, name: str, labels: dict[str, str] | None = None) -> float:
+    return router.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+async def test_not_serving_leaves_routing_at_once_and_serving_brings_it_back(
+        router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub, worker: Worker) -> None:
+    assert await _routable(stub)
+    await worker.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    took_s = await _until(lambda: router.health is not None and router.health.reason("w1") == "not_serving")
+    assert took_s < PROBE_INTERVAL_S * 4  # pushed by the Watch stream, not found by the next probe
+    assert not await _routable(stub)
+    status = await _status(stub)
+    assert not status.healthy and status.unhealthy_reason == "not_serving"
+    await worker.health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await _until(lambda: router.health is not None and not router.health.reason("w1"))
+    assert await _routable(stub)
+    assert _sample(router, "tandem_router_workers_quarantined_total", {"reason": "not_serving"}) == 1
+    assert _sample(router, "tandem_router_workers_restored_total") == 1
+
+
+async def test_a_dead_server_is_unreachable_before_its_registration_lapses(
+        router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub, worker: Worker) -> None:
+    await worker.server.stop(0)  # the registration stream stays up: only the health signal tells
+    took_s = await _until(lambda: router.health is not None and router.health.reason("w1") == "unreachable")
+    assert took_s < 0.5
+    assert not await _routable(stub)
+    assert _sample(router, "tandem_router_failure_detection_seconds_count", {"reason": "unreachable"}) == 1
+
+
+async def test_a_hung_worker_is_silent_after_the_probe_timeout_and_rejoins(
+        router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub, worker: Worker) -> None:
+    assert isinstance(worker.health, HangableHealth)
+    worker.health.answering.clear()
+    took_s = await _until(lambda: router.health is not None and router.health.reason("w1") == "silent")
+    assert PROBE_TIMEOUT_S * 0.9 < took_s < PROBE_TIMEOUT_S + PROBE_INTERVAL_S + 0.5
+    assert not await _routable(stub)
+    worker.health.answering.set()
+    await _until(lambda: router.health is not None and not router.health.reason("w1"))
+    assert await _routable(stub)
+
+
+async def test_a_callers_report_quarantines_until_a_probe_passes(
+        router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub, worker: Worker) -> None:
+    reply = await stub.ReportWorkerFailure(router_pb2.ReportWorkerFailureRequest(
+        worker_id="w1", address=f"127.0.0.1:{worker.port}", kind=router_pb2.WORKER_FAILURE_KIND_STALLED,
+        detected_after_s=2.5))
+    assert reply.quarantined and not await _routable(stub)
+    assert (await _status(stub)).unhealthy_reason == "reported_stalled"
+    assert _sample(router, "tandem_router_failure_detection_seconds_sum", {"reason": "reported_stalled"}) == 2.5
+    # The worker answers its probes, so it is back after the minimum quarantine.
+    took_s = await _until(lambda: router.health is not None and not router.health.reason("w1"))
+    assert QUARANTINE_MIN_S * 0.9 < took_s < QUARANTINE_MIN_S + 1.0
+    # A report about an address the worker no longer has (an old incarnation) is ignored.
+    stale = await stub.ReportWorkerFailure(router_pb2.ReportWorkerFailureRequest(
+        worker_id="w1", address="127.0.0.1:1", kind=router_pb2.WORKER_FAILURE_KIND_UNREACHABLE))
+    assert not stale.quarantined and await _routable(stub)
+
+
+async def test_a_report_needs_a_worker_and_a_kind(stub: router_pb2_grpc.RouterServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.ReportWorkerFailure(router_pb2.ReportWorkerFailureRequest(worker_id="w1"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reply = await stub.ReportWorkerFailure(router_pb2.ReportWorkerFailureRequest(
+        worker_id="nobody", kind=router_pb2.WORKER_FAILURE_KIND_UNREACHABLE))
+    assert not reply.quarantined
+
+
+async def test_an_address_nobody_listens_on_is_not_held_against_the_worker(
+        router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub) -> None:
+    info = router_pb2.WorkerInfo(worker_id="ghost", role=router_pb2.WORKER_ROLE_DECODE, address="127.0.0.1:1",
+                                 model="m")
+    registration = RouterRegistration(router.address, info, lambda: worker_pb2.WorkerLoad(num_kv_blocks_total=1))
+    registration.start()
+    await registration.wait_registered(5)
+    await asyncio.sleep(PROBE_INTERVAL_S * 6)
+    # Never answered, so never quarantined by the probes: its registration alone decides.
+    assert router.health is not None and router.health.reason("ghost") == ""
+    await registration.stop()
