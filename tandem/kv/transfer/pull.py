@@ -1,0 +1,224 @@
+"""The decode worker's half of each transport: PullKv streams -> verified chunks -> the engine's pool.
+
+gRPC and shared memory share everything but where a chunk's bytes are: inside the message, or
+in a segment the message points to. Chunks are spread over several streams on separate
+connections; a chunk that fails verification or never arrives is asked for again, a bounded
+number of times, before the transfer's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+import structlog
+
+from tandem.grpc_server import CHANNEL_OPTIONS
+from tandem.kv.transfer.chunks import (
+    ChunkSpec,
+    checksum,
+    plan_chunks,
+    tensor_from_bytes,
+)
+from tandem.kv.transfer.protocol import KvSink, KvTransferError, PullResult, TransferHandle
+from tandem.kv.transfer.settings import PullSettings
+from tandem.kv.transfer.shm import SegmentReader
+from tandem.kv.transfer.wire import decode_chunk
+from tandem.proto.kv.v1 import kv_pb2
+
+log = structlog.get_logger("kv.transfer")
+
+PULL_METHOD = "/tandem.kv.v1.PrefillService/PullKv"
+# Separate TCP connections per stream (a shared subchannel would serialise them), large frames.
+TRANSFER_CHANNEL_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1),
+                            ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1)]
+# Codes after which asking again cannot help.
+_FATAL = {grpc.StatusCode.NOT_FOUND: "not_found", grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+          grpc.StatusCode.FAILED_PRECONDITION: "invalid", grpc.StatusCode.UNIMPLEMENTED: "invalid"}
+
+# Test hook: sees (header, payload) of every received chunk before verification and returns the
+# payload to verify (corruption tests) or stalls (fault timing). Never set in production.
+ChunkHook = Callable[[kv_pb2.KvChunk, memoryview], Awaitable[memoryview]]
+
+
+class ChannelPool:
+    """``size`` channels per prefill worker address, opened on first use and reused for every transfer."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._channels: dict[str, list[grpc.aio.Channel]] = {}
+
+    def get(self, address: str) -> list[grpc.aio.Channel]:
+        channels = self._channels.get(address)
+        if channels is None:
+            channels = [grpc.aio.insecure_channel(address, options=TRANSFER_CHANNEL_OPTIONS) for _ in range(self.size)]
+            self._channels[address] = channels
+        return channels
+
+    async def close(self) -> None:
+        for channels in self._channels.values():
+            for channel in channels:
+                await channel.close()
+        self._channels.clear()
+
+
+class _StreamingPuller:
+    """Plan, spread over streams, verify, write, retry. Subclasses say where a chunk's bytes are."""
+
+    name = ""
+    transport: int = kv_pb2.KV_TRANSPORT_UNSPECIFIED
+
+    def __init__(self, settings: PullSettings, channels: ChannelPool, *, chunk_hook: ChunkHook | None = None) -> None:
+        self.settings = settings
+        self._channels = channels
+        self._chunk_hook = chunk_hook
+
+    @property
+    def _skip_checksum(self) -> bool:
+        return False
+
+    def _payload(self, header: kv_pb2.KvChunk, data: memoryview) -> memoryview:
+        raise NotImplementedError
+
+    async def pull(self, handle: TransferHandle, first_block: int, sink: KvSink, *, timeout_s: float) -> PullResult:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        deadline = loop.time() + timeout_s
+        result = PullResult(self.name)
+        plan = plan_chunks(handle.layout, handle.num_blocks, first_block, self.settings.max_chunk_bytes)
+        by_seq = {chunk.sequence_number: chunk for chunk in plan}
+        remaining = set(by_seq)
+        attempt = 0
+        while remaining:
+            if attempt > 0:
+                if attempt > self.settings.max_retries:
+                    reason = "corrupt" if result.retry_reasons else "unavailable"
+                    raise KvTransferError(f"{len(remaining)} of {len(plan)} chunks still missing after "
+                                          f"{self.settings.max_retries} retries", reason)
+                result.num_retried_chunks += len(remaining)
+                await asyncio.sleep(min(self.settings.retry_backoff_s * attempt, max(0.0, deadline - loop.time())))
+            if loop.time() >= deadline:
+                raise KvTransferError(f"transfer deadline of {timeout_s:.1f} s passed with {len(remaining)} "
+                                      "chunks missing", "deadline")
+            wanted = sorted(remaining)
+            num_streams = min(self.settings.num_streams, len(wanted))
+            channels = self._channels.get(handle.address)
+            outcomes = await asyncio.gather(*(
+                self._stream(channels[i % len(channels)], handle, first_block, wanted[i::num_streams], by_seq,
+                             remaining, sink, result, deadline - loop.time())
+                for i in range(num_streams)), return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    self._judge(outcome, result)
+            attempt += 1
+        result.duration_s = time.perf_counter() - started
+        return result
+
+    def _judge(self, error: BaseException, result: PullResult) -> None:
+        """Raise for failures no retry can fix; note the others and let the loop ask again."""
+        if isinstance(error, asyncio.CancelledError):
+            raise error
+        if isinstance(error, grpc.aio.AioRpcError):
+            code = error.code()
+            if code in _FATAL:
+                raise KvTransferError(f"PullKv failed: {code.name}: {error.details()}", _FATAL[code])
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise KvTransferError("the transfer deadline passed", "deadline")
+            result.retry_reasons.append(code.name.lower())
+            log.warning("KV stream broke; asking again", code=code.name, details=error.details())
+            return
+        if isinstance(error, KvTransferError):
+            raise error
+        if isinstance(error, Exception):
+            result.retry_reasons.append(type(error).__name__)
+            log.warning("KV stream failed; asking again", error=repr(error))
+            return
+        raise error
+
+    async def _stream(self, channel: grpc.aio.Channel, handle: TransferHandle, first_block: int,
+                      sequence_numbers: Sequence[int], by_seq: dict[int, ChunkSpec], remaining: set[int],
+                      sink: KvSink, result: PullResult, timeout_s: float) -> None:
+        call_factory = channel.unary_stream(PULL_METHOD, request_serializer=kv_pb2.PullKvRequest.SerializeToString,
+                                            response_deserializer=decode_chunk)
+        request = kv_pb2.PullKvRequest(
+            transfer_id=handle.transfer_id, first_block=first_block, max_chunk_bytes=self.settings.max_chunk_bytes,
+            sequence_numbers=sequence_numbers, transport=self.transport,  # type: ignore[arg-type]
+            skip_checksum=self._skip_checksum)
+        call = call_factory(request, timeout=max(0.001, timeout_s))
+        try:
+            async for header, data in call:
+                chunk = by_seq.get(header.sequence_number)
+                if chunk is None or header.sequence_number not in remaining:
+                    continue  # not asked for, or already have it: ignore rather than fail
+                problem = self._verify(header, chunk)
+                payload = None
+                if problem is None:
+                    try:
+                        payload = self._payload(header, data)
+                    except (OSError, ValueError) as error:
+                        raise KvTransferError(f"cannot read chunk {chunk.sequence_number}: {error}", "shm") from error
+                    if self._chunk_hook is not None:
+                        payload = await self._chunk_hook(header, payload)
+                    if len(payload) != chunk.num_bytes:
+                        problem = f"size {len(payload)} != {chunk.num_bytes}"
+                    elif not self._skip_checksum and checksum(payload) != header.checksum:
+                        problem = "checksum mismatch"
+                if problem is not None or payload is None:
+                    result.retry_reasons.append("corrupt")
+                    log.warning("KV chunk failed verification; will ask again", transfer_id=handle.transfer_id,
+                                sequence_number=chunk.sequence_number, problem=problem)
+                    continue
+                sink.write(chunk.block_start, chunk.layer_start, tensor_from_bytes(payload, handle.layout, chunk))
+                remaining.discard(chunk.sequence_number)
+                result.num_bytes += chunk.num_bytes
+                result.num_chunks += 1
+        finally:
+            call.cancel()  # a no-op when it finished; frees the server side otherwise
+
+    @staticmethod
+    def _verify(header: kv_pb2.KvChunk, chunk: ChunkSpec) -> str | None:
+        """The header must describe the slice the plan has under its sequence number."""
+        got = (header.layer_start, header.num_layers, header.block_start, header.num_blocks)
+        want = (chunk.layer_start, chunk.num_layers, chunk.block_start, chunk.num_blocks)
+        return None if got == want else f"slice {got} != planned {want}"
+
+
+class GrpcKvPuller(_StreamingPuller):
+    """Chunk bytes inside the PullKv messages: works across hosts and containers."""
+
+    name = "grpc"
+    transport = kv_pb2.KV_TRANSPORT_GRPC
+
+    def _payload(self, header: kv_pb2.KvChunk, data: memoryview) -> memoryview:
+        return data
+
+    async def close(self) -> None:
+        await self._channels.close()
+
+
+class ShmKvPuller(_StreamingPuller):
+    """Chunk bytes in the prefill worker's shared-memory segments; only their offsets cross gRPC."""
+
+    name = "shm"
+    transport = kv_pb2.KV_TRANSPORT_SHM
+
+    def __init__(self, settings: PullSettings, channels: ChannelPool, reader: SegmentReader, *,
+                 chunk_hook: ChunkHook | None = None) -> None:
+        super().__init__(settings, channels, chunk_hook=chunk_hook)
+        self._reader = reader
+
+    @property
+    def _skip_checksum(self) -> bool:
+        return not self.settings.verify_shm_checksums
+
+    def _payload(self, header: kv_pb2.KvChunk, data: memoryview) -> memoryview:
+        if not header.HasField("shm"):
+            raise ValueError("an shm chunk without a segment")
+        shm = header.shm
+        return self._reader.view(shm.segment, shm.segment_size, shm.offset, shm.length)
+
+    async def close(self) -> None:
+        self._reader.close()
+        await self._channels.close()
