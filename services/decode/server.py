@@ -16,6 +16,7 @@ from services.decode.convert import load_from_stats
 from services.decode.kv_publisher import RequestProgress
 from services.decode.metrics import DecodeMetrics
 from services.decode.registration import RouterRegistration
+from services.decode.remote_prefill import RemotePrefill
 from services.decode.servicer import WorkerServicer
 from tandem.engine.config import EngineConfig
 from tandem.engine.factory import create_engine
@@ -23,6 +24,8 @@ from tandem.engine.protocol import Engine
 from tandem.engine.types import StepInfo
 from tandem.grpc_server import GrpcService
 from tandem.kv.events import KvEventSource
+from tandem.kv.transfer.metrics import PullMetrics
+from tandem.kv.transfer.tuning import keep_large_buffers_in_heap
 from tandem.models import resolve_model
 from tandem.proto.router.v1 import router_pb2
 from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -50,6 +53,7 @@ class DecodeWorker:
     _grpc: GrpcService
     _servicer: WorkerServicer
     _metrics_server: WSGIServer | None
+    remote_prefill: RemotePrefill | None = None  # None when the engine cannot import KV
     _watch_task: asyncio.Task[None] | None = None
     _serving: bool = False
     _stopping: asyncio.Task[None] | None = field(default=None)
@@ -77,6 +81,8 @@ class DecodeWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
         await self._grpc.stop(_FINAL_GRACE_S)
+        if self.remote_prefill is not None:
+            await self.remote_prefill.close()
         await self.engine.shutdown()
         if self._metrics_server is not None:
             # shutdown() waits out serve_forever's 0.5 s poll; keep it off the event loop.
@@ -116,7 +122,11 @@ async def serve(config: DecodeConfig, *, engine_factory: EngineFactory = create_
     metrics = DecodeMetrics(CollectorRegistry())
     engine = engine_factory(config.engine_config(model_path), metrics.observe_step)
     progress = RequestProgress()  # first tokens and finishes, for the router's load prediction
-    servicer = WorkerServicer(engine, metrics, progress)
+    remote_prefill = None
+    if hasattr(engine, "reserve_kv") and hasattr(engine, "generate_imported"):
+        keep_large_buffers_in_heap()  # received KV chunks are megabyte buffers (see tuning.py)
+        remote_prefill = RemotePrefill(engine, config, PullMetrics(metrics.registry))  # type: ignore[arg-type]
+    servicer = WorkerServicer(engine, metrics, progress, remote_prefill)
     grpc_service = GrpcService(config.host, config.port, [SERVICE_NAME])
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, grpc_service.server)
     await grpc_service.start()  # NOT_SERVING until the model is loaded
@@ -150,6 +160,7 @@ async def serve(config: DecodeConfig, *, engine_factory: EngineFactory = create_
         config=config, worker_id=worker_id, port=grpc_service.port, address=address,
         metrics_port=metrics_server.server_address[1] if metrics_server else None, engine=engine, metrics=metrics,
         registration=registration, _grpc=grpc_service, _servicer=servicer, _metrics_server=metrics_server,
+        remote_prefill=remote_prefill,
     )
     await worker._set_serving(True)
     worker._watch_task = asyncio.create_task(worker._watch(), name="decode-watch")

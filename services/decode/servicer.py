@@ -18,8 +18,9 @@ from services.decode.convert import (
 )
 from services.decode.kv_publisher import RequestProgress
 from services.decode.metrics import DecodeMetrics
+from services.decode.remote_prefill import RemotePrefill
 from tandem.engine.protocol import Engine
-from tandem.engine.types import RequestOutput
+from tandem.engine.types import EngineRequest, RequestOutput
 from tandem.errors import InvalidRequest, ResourceExhausted, TandemError, Unavailable
 from tandem.grpc_server import bind_request_id, request_id_from_context
 from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
@@ -36,10 +37,12 @@ ERROR_FIELD_KEY = "tandem-error-field"
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, engine: Engine, metrics: DecodeMetrics, progress: RequestProgress | None = None) -> None:
+    def __init__(self, engine: Engine, metrics: DecodeMetrics, progress: RequestProgress | None = None,
+                 remote_prefill: RemotePrefill | None = None) -> None:
         self._engine = engine
         self._metrics = metrics
         self._progress = progress
+        self._remote_prefill = remote_prefill  # None: the engine cannot import KV; always prefill here
         self._running_ids: set[str] = set()  # engine request ids of in-flight calls
         self._draining = False
         self._idle = asyncio.Event()
@@ -82,7 +85,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         try:
             try:
                 # The engine refuses a request (too long, queue full) before its first output.
-                outputs = self._engine.generate(engine_request)
+                outputs = self._open(engine_request, request)
                 last = await anext(outputs)
             except TandemError as error:
                 outcome = "rejected"
@@ -123,6 +126,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 self._progress.finished(request.request_id)
             self._metrics.observe_request(outcome)
             log.debug("generate finished", outcome=outcome, num_output_tokens=last.num_output_tokens if last else 0)
+
+    def _open(self, engine_request: EngineRequest, request: worker_pb2.GenerateRequest
+              ) -> AsyncIterator[RequestOutput]:
+        """The engine's stream; remote prefill first when the router sent a prefill hint."""
+        if self._remote_prefill is None:
+            return self._engine.generate(engine_request)
+        if request.HasField("prefill"):
+            return self._remote_prefill.generate(engine_request, request)
+        self._remote_prefill.note_local("no_hint")
+        return self._engine.generate(engine_request)
 
     def _unique_engine_id(self, request_id: str) -> str:
         # Clients may reuse ids (a retried x-request-id); the engine needs them unique.
