@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from services.router.disagg import DisaggSettings
 from services.router.health_watch import HealthWatchConfig
 from services.router.policy import POLICIES
 from tandem.discovery.consul import REGISTRIES, ConsulSettings
@@ -55,6 +56,13 @@ class RouterConfig:
     # "shared": a block several active requests hold counts once (memory); "per-request": each
     # request counts its whole context (attention compute), spreading hot prefixes much sooner.
     kv_decode_blocks: str = "shared"
+    # Conditional disaggregation (services/router/disagg.py): prompts whose uncached part has at
+    # least this many tokens are prefilled on a prefill worker when one has room.
+    remote_prefill_threshold: int = 512
+    enforce_disagg: bool = False  # then no prefill worker for such a prompt is an error, not a local prefill
+
+    def disagg(self) -> DisaggSettings:
+        return DisaggSettings(self.remote_prefill_threshold, self.enforce_disagg)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -88,6 +96,7 @@ class RouterConfig:
             raise ValueError(str(error).replace("invalid setting", "invalid router setting", 1)) from None
         if self.kv_decode_blocks not in KV_DECODE_BLOCKS:
             raise bad("kv_decode_blocks", f"{self.kv_decode_blocks!r} is not one of {', '.join(KV_DECODE_BLOCKS)}")
+        self.disagg()
 
 
 def _env(environ: Mapping[str, str], name: str, default: object) -> str:
@@ -153,6 +162,12 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
                         help="Consul drops a registration critical this long (>= 60)")
     parser.add_argument("--advertise-host", default=_env(env, "TANDEM_ADVERTISE_HOST", defaults.advertise_host),
                         help="host given to Consul for this router ($TANDEM_ADVERTISE_HOST)")
+    parser.add_argument("--remote-prefill-threshold", type=int,
+                        default=_env(env, "TANDEM_REMOTE_PREFILL_THRESHOLD", defaults.remote_prefill_threshold),
+                        help="prefill on a prefill worker when at least this many prompt tokens are uncached")
+    parser.add_argument("--enforce-disagg", action="store_true",
+                        default=env.get("TANDEM_ENFORCE_DISAGG", "0") == "1",
+                        help="fail (UNAVAILABLE) rather than prefill on the decode worker when no prefill worker can")
     # argparse runs `type` on string defaults too, so a bad environment value is reported here.
     args = parser.parse_args(argv)
     try:
@@ -166,6 +181,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
             quarantine_min_s=args.quarantine_min_s, registry=args.registry, consul_address=args.consul_address,
             consul_service_prefix=args.consul_service_prefix, consul_check_interval_s=args.consul_check_interval_s,
             consul_deregister_after_s=args.consul_deregister_after_s, advertise_host=args.advertise_host,
+            remote_prefill_threshold=args.remote_prefill_threshold, enforce_disagg=args.enforce_disagg,
         )
     except ValueError as error:
         parser.error(str(error))

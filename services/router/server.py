@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from services.router.config import RouterConfig
 from services.router.consul_registry import ConsulRegistry
+from services.router.disagg import DisaggMetrics, PrefillSelector, index_cached_tokens
 from services.router.health_watch import HealthMetrics, WorkerHealthMonitor
 from services.router.kv_approx import ApproximateCache
 from services.router.kv_feed import KvFeed
@@ -93,7 +94,10 @@ async def serve(config: RouterConfig, *, rng: random.Random | None = None) -> Ru
     catalogue = ConsulRegistry(config.consul()) if config.registry == "consul" else None
     listed: WorkerRegistry = catalogue if catalogue is not None else registry
     health = WorkerHealthMonitor(listed, HealthMetrics(metrics.registry), config.health_watch())
-    servicer = RouterServicer(registry, policy, metrics, kv_feed, health=health, catalogue=catalogue)
+    prefill = PrefillSelector(config.disagg(), DisaggMetrics(metrics.registry),
+                              cached_tokens=index_cached_tokens(kv_index), rng=rng)
+    servicer = RouterServicer(registry, policy, metrics, kv_feed, health=health, catalogue=catalogue,
+                              prefill=prefill)
     grpc_service = GrpcService(config.host, config.port, [SERVICE_NAME])
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, grpc_service.server)
     metrics_server: WSGIServer | None = None
@@ -113,7 +117,8 @@ async def serve(config: RouterConfig, *, rng: random.Random | None = None) -> Ru
                                                  address=address, meta={"policy": config.policy})
         consul_registration.start()
     log.info("router serving", port=grpc_service.port, metrics_port=metrics_port, policy=config.policy,
-             registry=config.registry)
+             registry=config.registry, remote_prefill_threshold=config.remote_prefill_threshold,
+             enforce_disagg=config.enforce_disagg)
     return RunningRouter(
         config=config, port=grpc_service.port, metrics_port=metrics_port, metrics=metrics, registry=registry,
         kv_feed=kv_feed, _grpc=grpc_service, _servicer=servicer, _metrics_server=metrics_server,

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
+from services.router.disagg import PrefillSelector
 from services.router.health_watch import WorkerHealthMonitor
 from services.router.kv_feed import KvFeed
 from services.router.metrics import RouterMetrics
@@ -82,8 +83,9 @@ def _load_to_proto(load: WorkerLoad) -> worker_pb2.WorkerLoad:
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, registry: EmbeddedRegistry, policy: RoutingPolicy, metrics: RouterMetrics,
                  kv_feed: KvFeed | None = None, *, health: WorkerHealthMonitor | None = None,
-                 catalogue: WorkerRegistry | None = None) -> None:
+                 catalogue: WorkerRegistry | None = None, prefill: PrefillSelector | None = None) -> None:
         self._registry = registry
+        self._prefill = prefill  # None: never disaggregate
         self._policy = policy
         self._metrics = metrics
         self._kv_feed = kv_feed
@@ -106,7 +108,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             bind_request_id(request_id)
         try:
             route_context = self._route_context(request, request_id)
-            decision = self._policy.select(route_context, self._snapshot())
+            snapshot = self._snapshot()
+            decision = self._policy.select(route_context, snapshot)
+            prefill = self._prefill.select(route_context, decision.worker, snapshot) if self._prefill else None
         except InvalidRequest as error:
             self._metrics.observe_decision("invalid", time.perf_counter() - started)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
@@ -116,10 +120,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, error.message)
         worker = decision.worker
         (self._catalogue or self._registry).note_routed(worker.worker_id)
+        if prefill is not None:
+            (self._catalogue or self._registry).note_routed(prefill.worker_id)
         self._metrics.observe_decision("routed", time.perf_counter() - started)
         log.debug("routed", worker_id=worker.worker_id, score=round(decision.score, 3),
-                  num_candidates=decision.num_candidates)
-        return router_pb2.RouteResponse(worker_id=worker.worker_id, address=worker.info.address)
+                  num_candidates=decision.num_candidates, prefill_worker_id=prefill.worker_id if prefill else None)
+        return router_pb2.RouteResponse(worker_id=worker.worker_id, address=worker.info.address, prefill=prefill)
 
     @staticmethod
     def _route_context(request: router_pb2.RouteRequest, request_id: str) -> RouteContext:
