@@ -288,7 +288,9 @@ class Pipeline:
         stub = worker_pb2_grpc.WorkerServiceStub(self._worker_channel(route.address))
         call = stub.Generate(
             worker_pb2.GenerateRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-                                       sampling=sampling_to_proto(request.sampling)),
+                                       sampling=sampling_to_proto(request.sampling),
+                                       # The router's choice of prefill worker, when it chose remote prefill.
+                                       prefill=route.prefill if route.HasField("prefill") else None),
             metadata=_metadata(request), timeout=self.request_timeout_s,
         )
         num_output_tokens = 0
