@@ -14,7 +14,7 @@ from types import FrameType
 
 from tandem import procs
 
-ROLES = ("frontend", "router", "decode")
+ROLES = ("frontend", "router", "decode", "prefill")
 
 
 @dataclass
@@ -37,6 +37,14 @@ def _up_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="tandem up", description="Run router, workers and frontend locally.")
     parser.add_argument("--decode-workers", type=int, default=int(env("TANDEM_DECODE_WORKERS", "1")))
+    parser.add_argument("--prefill-workers", type=int, default=int(env("TANDEM_PREFILL_WORKERS", "0")),
+                        help="dedicated prefill workers (0: decode workers prefill every prompt)")
+    parser.add_argument("--remote-prefill-threshold", type=int, default=None,
+                        help="router: uncached prompt tokens from which prefill goes to a prefill worker")
+    parser.add_argument("--enforce-disagg", action="store_true",
+                        help="router: fail rather than prefill on a decode worker when no prefill worker can")
+    parser.add_argument("--kv-transport", default=env("TANDEM_KV_TRANSPORT", "auto"), choices=["auto", "grpc", "shm"],
+                        help="how decode workers pull KV (auto: shared memory on one host)")
     parser.add_argument("--engine", default=env("TANDEM_ENGINE", "hf"), choices=["hf"])
     parser.add_argument("--model", default=env("TANDEM_MODEL", ""),
                         help="local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
@@ -47,7 +55,8 @@ def _up_parser() -> argparse.ArgumentParser:
     parser.add_argument("--router-port", type=int, default=int(env("TANDEM_ROUTER_PORT", "9100")),
                         help="router gRPC port; 0 picks a free one")
     parser.add_argument("--worker-base-port", type=int, default=int(env("TANDEM_WORKER_BASE_PORT", "9200")),
-                        help="worker i serves gRPC on BASE+2i and metrics on BASE+2i+1; 0 picks free ports")
+                        help="worker i (decode workers first, then prefill) serves gRPC on BASE+2i and metrics "
+                        "on BASE+2i+1; 0 picks free ports")
     parser.add_argument("--policy", default=env("TANDEM_ROUTER_POLICY", "least-loaded"))
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
@@ -86,10 +95,13 @@ def up(argv: list[str]) -> int:
     args = _up_parser().parse_args(argv)
     if args.decode_workers < 1:
         raise SystemExit("tandem up: --decode-workers must be at least 1")
+    if args.prefill_workers < 0:
+        raise SystemExit("tandem up: --prefill-workers must be at least 0")
     from tandem.models import resolve_model
 
     model_path = resolve_model(args.model or None)  # convert once here, not in every child
-    threads = args.num_threads or max(1, (os.cpu_count() or 1) // args.decode_workers)
+    roles = ["decode"] * args.decode_workers + ["prefill"] * args.prefill_workers
+    threads = args.num_threads or max(1, (os.cpu_count() or 1) // len(roles))
     router_port = _port(args.router_port)
     router_address = f"127.0.0.1:{router_port}"
     mesh = Mesh()
@@ -102,10 +114,17 @@ def up(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        mesh.router = procs.spawn("router", ["--host", "127.0.0.1", "--port", str(router_port),
-                                             "--metrics-port", str(_port(0)), "--policy", args.policy])
+        router_args = ["--host", "127.0.0.1", "--port", str(router_port), "--metrics-port", str(_port(0)),
+                       "--policy", args.policy]
+        if args.remote_prefill_threshold is not None:
+            router_args += ["--remote-prefill-threshold", str(args.remote_prefill_threshold)]
+        if args.enforce_disagg:
+            router_args.append("--enforce-disagg")
+        mesh.router = procs.spawn("router", router_args)
         worker_ports = []
-        for i in range(args.decode_workers):
+        worker_names = []
+        for i, role in enumerate(roles):
+            name = f"{role}-{roles[:i].count(role)}"
             base = args.worker_base_port
             port = base + 2 * i if base else procs.free_port()
             metrics_port = base + 2 * i + 1 if base else procs.free_port()
@@ -113,19 +132,22 @@ def up(argv: list[str]) -> int:
             worker_args = ["--model", str(model_path), "--engine", args.engine, "--host", "127.0.0.1",
                            "--port", str(port), "--metrics-port", str(metrics_port),
                            "--router-address", router_address, "--num-threads", str(threads),
-                           "--worker-id", f"decode-{i}"]
+                           "--worker-id", name]
+            if role == "decode" or args.kv_transport == "grpc":  # prefill workers serve shm unless told grpc
+                worker_args += ["--kv-transport", args.kv_transport]
             if args.num_kv_blocks:
                 worker_args += ["--num-kv-blocks", str(args.num_kv_blocks)]
             if args.max_num_seqs:
                 worker_args += ["--max-num-seqs", str(args.max_num_seqs)]
-            mesh.workers.append(procs.spawn("decode", worker_args))
+            worker_names.append(name)
+            mesh.workers.append(procs.spawn(role, worker_args))
         mesh.frontend = procs.spawn("frontend", [
             "--model", str(model_path), "--host", args.host, "--http-port", str(args.port),
             "--grpc-port", str(args.grpc_port), "--router-address", router_address])
         http = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
         checks: list[tuple[str, object]] = [("router", lambda: procs.grpc_serving(router_address))]
-        checks += [(f"decode-{i}", lambda p=p: procs.grpc_serving(f"127.0.0.1:{p}"))
-                   for i, p in enumerate(worker_ports)]
+        checks += [(name, lambda p=p: procs.grpc_serving(f"127.0.0.1:{p}"))
+                   for name, p in zip(worker_names, worker_ports, strict=True)]
         checks.append(("frontend", lambda: procs.http_ok(f"{http}/health")))
         _wait_ready(mesh, checks, args.startup_timeout_s)
         _print_banner(http, args.grpc_port, router_address, worker_ports, model_path)
@@ -169,7 +191,7 @@ Ctrl-C stops everything.
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: tandem {up|frontend|router|decode} [options]   (tandem COMMAND --help)"
+    usage = "usage: tandem {up|frontend|router|decode|prefill} [options]   (tandem COMMAND --help)"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         return 0 if argv else 2
