@@ -1,0 +1,104 @@
+"""A paged KV pool without a model: the transport benchmarks and tests move real bytes through it.
+
+Laid out like the hf engine's pool (per layer, one K and one V tensor of [slots, kv_heads,
+head_dim]), so gathering and scattering blocks costs what it costs there. ``prefill`` pins
+blocks filled with a deterministic pattern instead of running a model.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from tandem.engine.types import EngineRequest, EngineStats, KVLayout, PrefillResult
+from tandem.errors import ResourceExhausted
+from tandem.kv.transfer.chunks import TORCH_DTYPES
+
+
+class SyntheticKvPool:
+    """Blocks of ``layout`` in host memory; ``read_kv``/``write_kv`` match the engines' shapes."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int) -> None:
+        self.layout = layout
+        self.num_blocks = num_blocks
+        slots = num_blocks * layout.block_size
+        shape = (layout.num_layers, slots, layout.num_kv_heads, layout.head_dim)
+        dtype = TORCH_DTYPES[layout.dtype]
+        self.k_cache = torch.zeros(shape, dtype=dtype)
+        self.v_cache = torch.zeros(shape, dtype=dtype)
+
+    def kv_layout(self) -> KVLayout:
+        return self.layout
+
+    def _slots(self, block_ids: list[int]) -> torch.Tensor:
+        bs = self.layout.block_size
+        base = torch.tensor(block_ids, dtype=torch.long).unsqueeze(1) * bs
+        return (base + torch.arange(bs)).reshape(-1)
+
+    def read_kv(self, block_ids: list[int], layer_start: int, layer_count: int) -> torch.Tensor:
+        layout = self.layout
+        slots = self._slots(block_ids)
+        layers = slice(layer_start, layer_start + layer_count)
+        shape = (layer_count, len(block_ids), layout.block_size, layout.num_kv_heads, layout.head_dim)
+        return torch.stack((self.k_cache[layers, slots].view(shape), self.v_cache[layers, slots].view(shape)), dim=1)
+
+    def write_blocks(self, block_ids: list[int], layer_start: int, data: torch.Tensor) -> None:
+        layout = self.layout
+        slots = self._slots(block_ids)
+        layers = slice(layer_start, layer_start + data.shape[0])
+        flat = data.reshape(data.shape[0], 2, len(block_ids) * layout.block_size, layout.num_kv_heads,
+                            layout.head_dim)
+        self.k_cache[layers, slots] = flat[:, 0]
+        self.v_cache[layers, slots] = flat[:, 1]
+
+    def fill(self, block_ids: list[int], seed: int) -> None:
+        """Distinct, reproducible values in every slot of ``block_ids``."""
+        generator = torch.Generator().manual_seed(seed)
+        for layer in range(self.layout.num_layers):
+            data = torch.randn((1, 2, len(block_ids), self.layout.block_size, self.layout.num_kv_heads,
+                                self.layout.head_dim), generator=generator).to(self.k_cache.dtype)
+            self.write_blocks(block_ids, layer, data)
+
+
+class SyntheticPrefillEngine(SyntheticKvPool):
+    """The prefill role over a synthetic pool: "prefilling" pins blocks filled from the prompt length."""
+
+    model_name = "synthetic"
+    max_model_len = 1 << 20
+
+    def __init__(self, layout: KVLayout, num_blocks: int) -> None:
+        super().__init__(layout, num_blocks)
+        self._free = list(range(num_blocks))
+        self.pinned: dict[str, list[int]] = {}
+        self._seeds = itertools.count(1)
+
+    async def start(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+    def healthy(self) -> bool:
+        return True
+
+    def stats(self) -> EngineStats:
+        used = self.num_blocks - len(self._free)
+        return EngineStats(num_kv_blocks_used=used, num_kv_blocks_total=self.num_blocks, num_free_queue_slots=64,
+                           block_size=self.layout.block_size, max_model_len=self.max_model_len)
+
+    async def prefill(self, request: EngineRequest) -> PrefillResult:
+        num_blocks = -(-len(request.prompt_token_ids) // self.layout.block_size)
+        if num_blocks > len(self._free):
+            raise ResourceExhausted("the synthetic pool is full")
+        blocks, self._free = self._free[:num_blocks], self._free[num_blocks:]
+        self.fill(blocks, next(self._seeds))
+        self.pinned[request.request_id] = blocks
+        return PrefillResult(request.request_id, first_token_id=1, finish_reason=None,
+                             num_prompt_tokens=len(request.prompt_token_ids), num_cached_tokens=0, block_ids=blocks)
+
+    async def release_kv(self, request_id: str) -> None:
+        self._free.extend(self.pinned.pop(request_id, []))
+
+    async def abort(self, request_id: str) -> None:
+        await self.release_kv(request_id)
