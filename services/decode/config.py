@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from tandem.discovery.consul import REGISTRIES, ConsulSettings
 from tandem.engine.config import ENGINES, EngineConfig
 from tandem.kv.transfer.settings import PullSettings
 
@@ -46,6 +47,13 @@ class DecodeConfig:
     kv_transfer_timeout_s: float = 30.0
     prefill_timeout_s: float = 60.0  # a remote Prefill call; past it the prompt is prefilled here
     shm_dir: str = "/dev/shm"
+    # Where the worker lists itself: "embedded" (the router's RegisterWorker stream, router_address)
+    # or "consul" (the local agent, which health-checks it over gRPC; see tandem.discovery.consul).
+    registry: str = "embedded"
+    consul_address: str = "127.0.0.1:8500"
+    consul_service_prefix: str = "tandem"
+    consul_check_interval_s: float = 1.0
+    consul_deregister_after_s: float = 60.0
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -72,8 +80,20 @@ class DecodeConfig:
             if not getattr(self, name) > 0:
                 raise bad(name, f"must be > 0, got {getattr(self, name)}")
         self.pull_settings()
+        if self.registry not in REGISTRIES:
+            raise bad("registry", f"{self.registry!r} is not one of {', '.join(REGISTRIES)}")
+        if self.registry == "consul":
+            try:
+                self.consul()
+            except ValueError as error:
+                raise ValueError(str(error).replace("invalid setting", f"invalid {self.role} setting", 1)) from None
         # Validate the engine settings now, before the model is resolved (which may take a while).
         self.engine_config(Path(self.model or "."))
+
+    def consul(self) -> ConsulSettings:
+        return ConsulSettings(address=self.consul_address, service_prefix=self.consul_service_prefix,
+                              check_interval_s=self.consul_check_interval_s,
+                              deregister_after_s=self.consul_deregister_after_s)
 
     def pull_settings(self) -> PullSettings:
         return PullSettings(max_chunk_bytes=self.kv_chunk_bytes, num_streams=self.kv_streams,
@@ -120,6 +140,11 @@ _FLAGS: dict[str, tuple[str, type | object]] = {
     "--kv-transfer-timeout-s": ("TANDEM_KV_TRANSFER_TIMEOUT_S", float),
     "--prefill-timeout-s": ("TANDEM_PREFILL_TIMEOUT_S", float),
     "--shm-dir": ("TANDEM_SHM_DIR", str),
+    "--registry": ("TANDEM_REGISTRY", str),
+    "--consul-address": ("TANDEM_CONSUL_ADDRESS", str),
+    "--consul-service-prefix": ("TANDEM_CONSUL_SERVICE_PREFIX", str),
+    "--consul-check-interval-s": ("TANDEM_CONSUL_CHECK_INTERVAL_S", float),
+    "--consul-deregister-after-s": ("TANDEM_CONSUL_DEREGISTER_AFTER_S", float),
 }
 _HELP = {
     "--port": "gRPC port, 0 picks a free one",
@@ -138,6 +163,11 @@ _HELP = {
     "--kv-max-retries": "times a missing or corrupt chunk is asked for again",
     "--kv-transfer-timeout-s": "deadline of one KV transfer; past it the prompt is prefilled here",
     "--prefill-timeout-s": "deadline of a remote Prefill call",
+    "--registry": f"one of {', '.join(REGISTRIES)}: the router's registration stream, or the Consul agent",
+    "--consul-address": "host:port of the local Consul agent's HTTP API",
+    "--consul-service-prefix": "the service is named PREFIX-<role>",
+    "--consul-check-interval-s": "how often Consul runs the worker's gRPC health check",
+    "--consul-deregister-after-s": "Consul drops the worker once its check is critical this long (>= 60)",
 }
 
 
