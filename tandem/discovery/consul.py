@@ -57,7 +57,8 @@ class ConsulSettings:
     def client(self) -> consul.aio.Consul:
         """A new asyncio client; the caller closes it (``await client.close()``)."""
         host, port = host_port(self.address, "consul_address")
-        return consul.aio.Consul(host=host, port=port, token=self.token)
+        # Plain HTTP to the local agent (an agent runs beside each service), so no TLS context.
+        return consul.aio.Consul(host=host, port=port, token=self.token, scheme="http", verify=False)
 
 
 def _duration(seconds: float) -> str:

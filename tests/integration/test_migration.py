@@ -113,9 +113,9 @@ async def mesh() -> AsyncIterator[Mesh]:
         servers.append(server)
         addresses.append(address)
     router = Router([(f"w{i}", address) for i, address in enumerate(addresses)])
-    server, router_address = await _start(router, router_pb2_grpc.add_RouterServiceServicer_to_server)
-    yield Mesh(router, workers, [*servers, server], router_address)
-    for server in [*servers, server]:
+    router_server, router_address = await _start(router, router_pb2_grpc.add_RouterServiceServicer_to_server)
+    yield Mesh(router, workers, [*servers, router_server], router_address)
+    for server in [*servers, router_server]:
         await server.stop(0)
 
 
