@@ -22,6 +22,11 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A restarted router or worker must be found again within a second, not after gRPC's default
+    # reconnect backoff (1 s growing to 120 s); calls on a channel in backoff fail at once.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
