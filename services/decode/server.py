@@ -18,6 +18,7 @@ from services.decode.metrics import DecodeMetrics
 from services.decode.registration import RouterRegistration
 from services.decode.remote_prefill import RemotePrefill
 from services.decode.servicer import WorkerServicer
+from tandem.discovery.consul import ConsulRegistration
 from tandem.engine.config import EngineConfig
 from tandem.engine.factory import create_engine
 from tandem.engine.protocol import Engine
@@ -49,7 +50,7 @@ class DecodeWorker:
     metrics_port: int | None  # None when disabled
     engine: Engine
     metrics: DecodeMetrics
-    registration: RouterRegistration | None
+    registration: RouterRegistration | ConsulRegistration | None
     _grpc: GrpcService
     _servicer: WorkerServicer
     _metrics_server: WSGIServer | None
@@ -146,8 +147,16 @@ async def serve(config: DecodeConfig, *, engine_factory: EngineFactory = create_
         raise
     address = f"{config.advertise_host}:{grpc_service.port}"
     worker_id = config.worker_id or f"decode-{config.advertise_host}-{grpc_service.port}"
-    registration = None
-    if config.router_address:
+    registration: RouterRegistration | ConsulRegistration | None = None
+    if config.registry == "consul":
+        # The agent health-checks this server over gRPC; Consul carries no load, so the router polls
+        # GetStats for it.
+        registration = ConsulRegistration(
+            config.consul(), role="decode", service_id=worker_id, address=address,
+            meta={"model": engine.model_name, "max_model_len": str(engine.max_model_len),
+                  "block_size": str(config.block_size)},
+        )
+    elif config.router_address:
         kv_source = engine if isinstance(engine, KvEventSource) else None
         info = router_pb2.WorkerInfo(
             worker_id=worker_id, role=router_pb2.WORKER_ROLE_DECODE, address=address, model=engine.model_name,
@@ -167,5 +176,5 @@ async def serve(config: DecodeConfig, *, engine_factory: EngineFactory = create_
     if registration is not None:
         registration.start()
     log.info("decode worker serving", worker_id=worker_id, address=address, model=engine.model_name,
-             metrics_port=worker.metrics_port, router=config.router_address or None)
+             metrics_port=worker.metrics_port, router=config.router_address or None, registry=config.registry)
     return worker

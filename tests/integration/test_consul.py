@@ -12,9 +12,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.decode.config import DecodeConfig
+from services.decode.server import serve as serve_decode
 from services.router.config import RouterConfig
 from services.router.server import RunningRouter, serve
 from tandem.discovery.consul import ConsulRegistration, ConsulSettings
+from tandem.engine.types import EngineStats
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tests.integration.fake_consul import CRITICAL, FakeConsulAgent
 
@@ -158,3 +161,44 @@ async def test_register_worker_streams_are_refused_in_consul_mode(stub: router_p
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call.read()
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+class IdleEngine:
+    """Just enough engine for a decode worker to start, serve health and report stats."""
+
+    model_name = "m"
+    max_model_len = 128
+
+    def __init__(self, config: object, on_step: object) -> None:
+        self.alive = True
+
+    async def start(self) -> None:
+        pass
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=3, num_kv_blocks_total=8, num_free_queue_slots=4)
+
+    def healthy(self) -> bool:
+        return self.alive
+
+    async def shutdown(self) -> None:
+        pass
+
+
+async def test_a_decode_worker_registers_with_consul_and_deregisters_on_stop(
+        agent: FakeConsulAgent, router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub) -> None:
+    config = DecodeConfig(host="127.0.0.1", port=0, metrics_port=0, worker_id="decode-9", registry="consul",
+                          consul_address=agent.address, consul_check_interval_s=CHECK_INTERVAL_S)
+    worker = await serve_decode(config, engine_factory=IdleEngine)  # type: ignore[arg-type]
+    try:
+        await _wait_listed(stub, ["decode-9"])
+        assert agent.services["decode-9"].meta["max_model_len"] == "128"
+        # Consul carries no load: the router reads it from the worker's GetStats.
+        deadline = time.monotonic() + 5
+        while (await stub.ListWorkers(router_pb2.ListWorkersRequest())).workers[0].load.num_running != 3:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    finally:
+        await worker.stop(drain_timeout_s=0)
+    assert "decode-9" not in agent.services  # deregistered, not left to fail its checks
+    await _wait_listed(stub, [])
