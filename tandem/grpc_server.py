@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 import structlog
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -38,18 +40,60 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+class ChainedPool:
+    """Descriptor look-ups across several pools, for reflection.
+
+    The KServe stubs live in a pool of their own (tritonclient registers the same names in
+    the default pool), so reflection must search both to describe every service.
+    """
+
+    def __init__(self, pools: Sequence[Any]) -> None:
+        self._pools = list(pools)
+
+    def _first(self, method: str, *args: Any) -> Any:
+        for pool in self._pools:
+            try:
+                return getattr(pool, method)(*args)
+            except KeyError:
+                continue
+        raise KeyError(args[0] if args else method)
+
+    def FindFileByName(self, name: str) -> Any:  # noqa: N802 - the DescriptorPool interface
+        return self._first("FindFileByName", name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802
+        return self._first("FindFileContainingSymbol", symbol)
+
+    def FindMessageTypeByName(self, name: str) -> Any:  # noqa: N802
+        return self._first("FindMessageTypeByName", name)
+
+    def FindExtensionByNumber(self, message: Any, number: int) -> Any:  # noqa: N802
+        return self._first("FindExtensionByNumber", message, number)
+
+    def FindAllExtensions(self, message: Any) -> Any:  # noqa: N802
+        for pool in self._pools:
+            try:
+                return pool.FindAllExtensions(message)
+            except KeyError:
+                continue
+        return []
+
+
 class GrpcService:
     """A grpc.aio server with health and reflection; services add their servicers first."""
 
-    def __init__(self, host: str, port: int, service_names: Iterable[str]) -> None:
+    def __init__(self, host: str, port: int, service_names: Iterable[str],
+                 extra_pools: Sequence[Any] = ()) -> None:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names = list(service_names)
+        pool = ChainedPool([descriptor_pool.Default(), *extra_pools]) if extra_pools else None
         reflection.enable_server_reflection(
             [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME],
             self.server,
+            pool=pool,
         )
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:

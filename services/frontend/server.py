@@ -153,7 +153,8 @@ async def serve(config: FrontendConfig, *, registry: CollectorRegistry | None = 
     apis: list[FrontendApi] = [GenerationApi(pipeline), *_optional_apis(config, pipeline)]
 
     grpc_service = GrpcService(config.host, config.grpc_port,
-                               [name for api in apis for name in api.service_names])
+                               [name for api in apis for name in api.service_names],
+                               extra_pools=[p for api in apis for p in getattr(api, "descriptor_pools", ())])
     for api in apis:
         api.add_to_grpc_server(grpc_service.server)
 

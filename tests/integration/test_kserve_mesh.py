@@ -189,3 +189,20 @@ def test_server_and_model_ready_with_a_worker(mesh: Mesh) -> None:
     assert client.get_model_config(mesh.frontend.model_name).config.parameters["max_model_len"].string_value == \
         str(MAX_MODEL_LEN)
     client.close()
+
+
+def test_reflection_describes_every_frontend_service(mesh: Mesh) -> None:
+    """grpcurl's `describe`: the file holding each service resolves, KServe's own pool included."""
+    from google.protobuf import descriptor_pb2
+
+    symbols = ["inference.GRPCInferenceService", "tandem.api.v1.GenerationService", "grpc.health.v1.Health"]
+    with grpc.insecure_channel(mesh.grpc_url) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=s) for s in symbols]
+        responses = list(stub.ServerReflectionInfo(iter(requests), timeout=10))
+    for symbol, response in zip(symbols, responses, strict=True):
+        assert response.HasField("file_descriptor_response"), (symbol, response.error_response)
+        files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+                 for raw in response.file_descriptor_response.file_descriptor_proto]
+        services = {f"{f.package}.{s.name}" for f in files for s in f.service}
+        assert symbol in services

@@ -18,9 +18,11 @@ class KServeApi:
 
     def __init__(self, pipeline: Pipeline) -> None:
         from services.frontend.kserve.grpc_service import SERVICE_NAME
+        from tandem.proto.kserve._pool import POOL
 
         self.pipeline = pipeline
         self.service_names: Sequence[str] = (SERVICE_NAME,)
+        self.descriptor_pools: Sequence[object] = (POOL,)  # for reflection: not the default pool
 
     def add_to_grpc_server(self, server: grpc.aio.Server) -> None:
         from services.frontend.kserve.grpc_service import add_kserve_to_grpc_server
