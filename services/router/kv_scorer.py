@@ -22,9 +22,11 @@ from tandem.kv.hashing import iter_block_hashes
 class KvWeights:
     """The cost's knobs; set in configuration, overridable per request."""
 
-    # How much a block to prefill weighs against a block held by a decoding request. Above 1
-    # favours cache hits (TTFT); below 1 favours spreading decode load (ITL).
-    overlap_weight: float = 1.0
+    # How much a block to prefill weighs against a block held by a decoding request. Higher
+    # favours cache hits (TTFT), lower spreads decode load (ITL). 2, not Dynamo's 1: with long
+    # shared prompts and short answers (prefill-bound, as on CPU), 1 let a one-request load
+    # difference split a tenant's prompt across workers (benchmarks/prefix_routing.py).
+    overlap_weight: float = 2.0
     # 0: always the lowest cost. Above 0: softmax over costs scaled to [0, 1], so near-equal
     # workers share the traffic; around 1 makes even clearly worse workers a likely pick.
     temperature: float = 0.0

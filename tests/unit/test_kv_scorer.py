@@ -104,7 +104,7 @@ def test_ties_are_shared_and_temperature_spreads_near_equal_workers() -> None:
 
 @pytest.mark.parametrize(
     ("overlap_weight", "temperature", "expected"),
-    [(None, None, KvWeights(1.0, 0.0)), (3.0, None, KvWeights(3.0, 0.0)), (None, 0.5, KvWeights(1.0, 0.5))],
+    [(None, None, KvWeights(2.0, 0.0)), (3.0, None, KvWeights(3.0, 0.0)), (None, 0.5, KvWeights(2.0, 0.5))],
 )
 def test_a_request_overrides_only_the_weights_it_sets(
     overlap_weight: float | None, temperature: float | None, expected: KvWeights
@@ -165,16 +165,16 @@ def test_lost_feedback_expires() -> None:
     assert tracker.decode_blocks("w") == 0
 
 
-@pytest.mark.parametrize(("share_blocks", "num_stay"), [(False, 1), (True, 10)])
+@pytest.mark.parametrize(("share_blocks", "num_stay"), [(False, 2), (True, 20)])
 def test_a_hot_prefix_stays_on_its_worker_until_that_worker_is_busy_then_spreads(share_blocks: bool,
                                                                                  num_stay: int) -> None:
     router = _router({"a": True, "b": True}, share_blocks=share_blocks)
     router.index.store("a", hash_blocks(SYSTEM, BS))
-    chosen = [_route(router, f"r{i}", _question(i), ["a", "b"]).worker_id for i in range(24)]
+    chosen = [_route(router, f"r{i}", _question(i), ["a", "b"]).worker_id for i in range(32)]
     # Counting shared blocks once, a's running requests make more of them look cheap.
     assert chosen[:num_stay] == ["a"] * num_stay
     assert "b" in chosen  # until a's queued prefill and blocks outweigh prefilling on b
-    for i in range(24):
+    for i in range(32):
         router.on_first_token(f"r{i}")
         router.on_finished(f"r{i}")
     assert _route(router, "later", _question(99), ["a", "b"]).worker_id == "a"
