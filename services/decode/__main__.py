@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 
@@ -31,6 +32,10 @@ async def run(config: DecodeConfig) -> None:
 
 def main() -> None:
     configure_logging("decode")
+    # Back torch's large CPU buffers (KV pool, activations) with transparent huge pages before the
+    # first allocation: a killed worker's memory is then torn down in milliseconds instead of ~0.1 ms
+    # per MB, and the kernel closes its sockets - what tells the frontend and router it died - only after.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     config = parse_args()
     try:
         asyncio.run(run(config))
