@@ -39,7 +39,7 @@ class PrefillServicer:
     def __init__(self, engine: PrefillEngine, exporters: Mapping[int, ChunkExporter], metrics: ExportMetrics, *,
                  lease_s: float, address: str, host_id: str) -> None:
         self._engine = engine
-        self._exporters = dict(exporters)
+        self.exporters = dict(exporters)  # by KvTransport number
         self._metrics = metrics
         self.leases = LeaseTable(lease_s, self.free_lease)
         self._address = address
@@ -77,7 +77,7 @@ class PrefillServicer:
     async def free_lease(self, lease: Lease, reason: str) -> None:
         """The LeaseTable's callback: unpin the blocks, drop transport resources, count it."""
         await self._engine.release_kv(lease.transfer_id)
-        for exporter in self._exporters.values():
+        for exporter in self.exporters.values():
             exporter.release(lease.transfer_id)
         self._metrics.leases_ended.labels(reason=reason).inc()
         self._observe_leases()
@@ -152,9 +152,9 @@ class PrefillServicer:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"transfer_id: {request.transfer_id!r} is not leased "
                                 "here (released, or its lease expired)")
         bind_request_id(lease.request_id)
-        exporter = self._exporters.get(request.transport)
+        exporter = self.exporters.get(request.transport)
         if exporter is None:
-            served = ", ".join(_TRANSPORT_NAMES[t] for t in self._exporters)
+            served = ", ".join(_TRANSPORT_NAMES[t] for t in self.exporters)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"transport: this prefill worker serves {served}")
         if not 0 < request.max_chunk_bytes <= MAX_CHUNK_BYTES:

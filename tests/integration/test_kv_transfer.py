@@ -131,7 +131,7 @@ async def test_grpc_pull_over_parallel_streams_copies_every_block(prefill_side: 
 async def test_shm_pull_copies_every_block(prefill_side: PrefillSide, tmp_path_factory: pytest.TempPathFactory,
                                            verify: bool) -> None:
     handle, source_ids = await prefill(prefill_side)
-    exporter = prefill_side.servicer._exporters[kv_pb2.KV_TRANSPORT_SHM]
+    exporter = prefill_side.servicer.exporters[kv_pb2.KV_TRANSPORT_SHM]
     assert isinstance(exporter, ShmChunkExporter)
     dest = SyntheticKvPool(LAYOUT, 40)
     dest_ids = list(range(40))

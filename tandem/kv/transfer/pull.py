@@ -73,7 +73,7 @@ class _StreamingPuller:
     def __init__(self, settings: PullSettings, channels: ChannelPool, *, chunk_hook: ChunkHook | None = None) -> None:
         self.settings = settings
         self._channels = channels
-        self._chunk_hook = chunk_hook
+        self.chunk_hook = chunk_hook
 
     @property
     def _skip_checksum(self) -> bool:
@@ -159,8 +159,8 @@ class _StreamingPuller:
                         payload = self._payload(header, data)
                     except (OSError, ValueError) as error:
                         raise KvTransferError(f"cannot read chunk {chunk.sequence_number}: {error}", "shm") from error
-                    if self._chunk_hook is not None:
-                        payload = await self._chunk_hook(header, payload)
+                    if self.chunk_hook is not None:
+                        payload = await self.chunk_hook(header, payload)
                     if len(payload) != chunk.num_bytes:
                         problem = f"size {len(payload)} != {chunk.num_bytes}"
                     elif not self._skip_checksum and checksum(payload) != header.checksum:

@@ -67,8 +67,10 @@ class SyntheticPrefillEngine(SyntheticKvPool):
     model_name = "synthetic"
     max_model_len = 1 << 20
 
-    def __init__(self, layout: KVLayout, num_blocks: int) -> None:
+    def __init__(self, layout: KVLayout, num_blocks: int, *, refill: bool = True) -> None:
+        """``refill=False`` leaves blocks as they are on prefill (benchmarks fill the pool once)."""
         super().__init__(layout, num_blocks)
+        self._refill = refill
         self._free = list(range(num_blocks))
         self.pinned: dict[str, list[int]] = {}
         self._seeds = itertools.count(1)
@@ -92,7 +94,8 @@ class SyntheticPrefillEngine(SyntheticKvPool):
         if num_blocks > len(self._free):
             raise ResourceExhausted("the synthetic pool is full")
         blocks, self._free = self._free[:num_blocks], self._free[num_blocks:]
-        self.fill(blocks, next(self._seeds))
+        if self._refill:
+            self.fill(blocks, next(self._seeds))
         self.pinned[request.request_id] = blocks
         return PrefillResult(request.request_id, first_token_id=1, finish_reason=None,
                              num_prompt_tokens=len(request.prompt_token_ids), num_cached_tokens=0, block_ids=blocks)
