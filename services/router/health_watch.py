@@ -32,6 +32,9 @@ UNREACHABLE = "unreachable"  # connection refused or reset
 NOT_SERVING = "not_serving"  # the worker said so (loading, draining, engine failed)
 REPORTED_PREFIX = "reported_"  # + the caller's failure kind: reported_stalled, reported_unreachable, ...
 REASONS = (SILENT, UNREACHABLE, NOT_SERVING, "reported_unreachable", "reported_stalled", "reported_stream_broken")
+# Quarantines on suspicion: a slow worker looks the same. When they would leave a model with no worker
+# at all, routing ignores them (Envoy's "panic mode"): a slow worker beats a 503 for everyone.
+SUSPECT_REASONS = frozenset({SILENT, "reported_stalled"})
 
 # Kills are noticed in milliseconds, hangs after the probe timeout (about a second).
 _DETECTION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -71,6 +74,11 @@ class HealthMetrics:
             "tandem_router_failure_detection_seconds",
             "From a worker's last sign of life to its quarantine (an upper bound of detection latency).",
             ["reason"], buckets=_DETECTION_BUCKETS_S, registry=registry,
+        )
+        self.overridden = Counter(
+            "tandem_router_quarantine_overrides",
+            "Routing snapshots in which suspect quarantines were ignored because no other worker was left.",
+            registry=registry,
         )
         for reason in REASONS:  # export zeros so rate() works before the first failure
             self.quarantined.labels(reason=reason)
@@ -130,10 +138,23 @@ class WorkerHealthMonitor:
     # -- what routing reads ------------------------------------------------------------------
 
     def apply(self, workers: Sequence[WorkerSnapshot]) -> list[WorkerSnapshot]:
-        """``workers`` with every quarantined one marked unhealthy."""
+        """``workers`` with every quarantined one marked unhealthy, unless only suspects would be left
+        of a (role, model): then those are kept (see SUSPECT_REASONS)."""
         if not self._quarantined:
             return list(workers)
-        return [dataclasses.replace(worker, healthy=False) if worker.worker_id in self._quarantined else worker
+        pools: dict[tuple[object, str], list[WorkerSnapshot]] = {}
+        for worker in workers:
+            pools.setdefault((worker.info.role, worker.info.model), []).append(worker)
+        spared: set[str] = set()
+        for pool in pools.values():
+            if any(w.healthy and w.worker_id not in self._quarantined for w in pool):
+                continue
+            suspects = [w.worker_id for w in pool if w.healthy and self.reason(w.worker_id) in SUSPECT_REASONS]
+            if suspects:
+                spared.update(suspects)
+                self._metrics.overridden.inc()
+        return [dataclasses.replace(worker, healthy=False)
+                if worker.worker_id in self._quarantined and worker.worker_id not in spared else worker
                 for worker in workers]
 
     def reason(self, worker_id: str) -> str:
@@ -174,6 +195,8 @@ class WorkerHealthMonitor:
         current = self._quarantined.get(worker_id)
         if current is not None:
             current.since_s = now  # a fresh failure restarts the hold
+            if current.reason in SUSPECT_REASONS and reason not in SUSPECT_REASONS:
+                current.reason = reason  # suspicion confirmed: no longer spared when alone
             return
         if detected_after_s is None:
             watched = self._watched.get(worker_id)

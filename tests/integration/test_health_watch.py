@@ -75,11 +75,24 @@ async def stub(router: RunningRouter) -> AsyncIterator[router_pb2_grpc.RouterSer
         yield router_pb2_grpc.RouterServiceStub(channel)
 
 
+async def _started(router: RunningRouter, worker_id: str) -> Worker:
+    running = Worker(router.address, worker_id)
+    await running.start()
+    await _until(lambda: _watched(router, worker_id))
+    return running
+
+
 @pytest.fixture
 async def worker(router: RunningRouter) -> AsyncIterator[Worker]:
-    running = Worker(router.address, "w1")
-    await running.start()
-    await _until(lambda: _watched(router, "w1"))
+    running = await _started(router, "w1")
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def spare(router: RunningRouter, worker: Worker) -> AsyncIterator[Worker]:
+    """A second, healthy worker: suspect quarantines only hold while another worker is left."""
+    running = await _started(router, "w2")
     yield running
     await running.stop()
 
@@ -98,18 +111,22 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 5.0) -> float
     return time.monotonic() - started
 
 
-async def _status(stub: router_pb2_grpc.RouterServiceStub) -> router_pb2.WorkerStatus:
-    (status,) = (await stub.ListWorkers(router_pb2.ListWorkersRequest())).workers
-    return status
+async def _status(stub: router_pb2_grpc.RouterServiceStub, worker_id: str = "w1") -> router_pb2.WorkerStatus:
+    reply = await stub.ListWorkers(router_pb2.ListWorkersRequest())
+    return next(status for status in reply.workers if status.info.worker_id == worker_id)
 
 
-async def _routable(stub: router_pb2_grpc.RouterServiceStub) -> bool:
-    try:
-        await stub.Route(router_pb2.RouteRequest(request_id="r", model="m", token_ids=[1]))
-    except grpc.aio.AioRpcError as error:
-        assert error.code() == grpc.StatusCode.UNAVAILABLE
-        return False
-    return True
+async def _routable(stub: router_pb2_grpc.RouterServiceStub, worker_id: str = "w1") -> bool:
+    """Whether ``worker_id`` is among the workers Route picks from (a few tries: ties break at random)."""
+    chosen = set()
+    for _ in range(8):
+        try:
+            reply = await stub.Route(router_pb2.RouteRequest(request_id="r", model="m", token_ids=[1]))
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            return False
+        chosen.add(reply.worker_id)
+    return worker_id in chosen
 
 
 def _sample(router: RunningRouter, name: str, labels: dict[str, str] | None = None) -> float:
@@ -142,7 +159,7 @@ async def test_a_dead_server_is_unreachable_before_its_registration_lapses(
 
 
 async def test_a_hung_worker_is_silent_after_the_probe_timeout_and_rejoins(
-        router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub, worker: Worker) -> None:
+        router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub, worker: Worker, spare: Worker) -> None:
     assert isinstance(worker.health, HangableHealth)
     worker.health.answering.clear()
     took_s = await _until(lambda: router.health is not None and router.health.reason("w1") == "silent")
@@ -154,7 +171,7 @@ async def test_a_hung_worker_is_silent_after_the_probe_timeout_and_rejoins(
 
 
 async def test_a_callers_report_quarantines_until_a_probe_passes(
-        router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub, worker: Worker) -> None:
+        router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub, worker: Worker, spare: Worker) -> None:
     reply = await stub.ReportWorkerFailure(router_pb2.ReportWorkerFailureRequest(
         worker_id="w1", address=f"127.0.0.1:{worker.port}", kind=router_pb2.WORKER_FAILURE_KIND_STALLED,
         detected_after_s=2.5))
@@ -190,3 +207,17 @@ async def test_an_address_nobody_listens_on_is_not_held_against_the_worker(
     # Never answered, so never quarantined by the probes: its registration alone decides.
     assert router.health is not None and router.health.reason("ghost") == ""
     await registration.stop()
+
+
+async def test_suspects_are_routed_to_when_no_other_worker_is_left(
+        router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub, worker: Worker) -> None:
+    # A stall report may be a slow worker, not a dead one: better slow than a 503 for everyone.
+    await stub.ReportWorkerFailure(router_pb2.ReportWorkerFailureRequest(
+        worker_id="w1", kind=router_pb2.WORKER_FAILURE_KIND_STALLED))
+    assert await _routable(stub)
+    assert _sample(router, "tandem_router_quarantine_overrides_total") >= 1
+    # A worker known to be unreachable is not routed to, even alone.
+    await stub.ReportWorkerFailure(router_pb2.ReportWorkerFailureRequest(
+        worker_id="w1", kind=router_pb2.WORKER_FAILURE_KIND_UNREACHABLE))
+    assert router.health is not None and router.health.reason("w1") == "reported_unreachable"
+    assert not await _routable(stub)
