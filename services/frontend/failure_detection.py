@@ -2,8 +2,9 @@
 migration and overload.
 
 A stream stalls when no message arrives for ``stall_timeout_s`` after its first token (or
-``first_token_timeout_s`` before it). A stall condemns the worker, not only the request: every other
-stream open on the same worker is migrated at once rather than each waiting out its own timer.
+``first_token_timeout_s`` before it) and its worker then fails a health check too (a slow worker that
+answers keeps its streams). A stall condemns the worker, not only the request: every other stream open
+on the same worker is migrated at once rather than each waiting out its own timer.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import structlog
@@ -53,6 +55,11 @@ class FailoverMetrics:
             "From the last message on a worker stream to the frontend declaring the worker failed.",
             ["kind"], buckets=_DETECTION_BUCKETS_S, registry=registry,
         )
+        self.stall_false_alarms = Counter(
+            "tandem_frontend_stall_false_alarms",
+            "Streams silent past the stall limit whose worker still answered a health check (slow, kept).",
+            registry=registry,
+        )
         self.rejected_overload = Counter(
             "tandem_frontend_requests_rejected_overload",
             "Requests answered 503 / RESOURCE_EXHAUSTED because the frontend queue or every worker was full.",
@@ -72,6 +79,7 @@ class StreamWatch:
     started_s: float = field(default_factory=time.monotonic)
     last_message_s: float = 0.0
     timer: asyncio.Timeout | None = None
+    pending: asyncio.Future[Any] | None = None  # the read in progress, kept across a false alarm
     condemned: bool = False
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from services.frontend import failure_detection as failures
@@ -90,6 +91,9 @@ class Pipeline:
         migration_limit: int = 3,
         stall_timeout_s: float | None = None,
         first_token_timeout_s: float | None = None,
+        # A stream silent past its limit moves only if its worker does not answer a health check this
+        # fast: a live process answers in milliseconds even when its engine is slow.
+        stall_confirm_timeout_s: float = 1.0,
         max_inflight_requests: int = 1024,
         max_queued_requests: int = 1024,
         queue_timeout_s: float = 30.0,
@@ -114,6 +118,8 @@ class Pipeline:
         self._router_channel = grpc.aio.insecure_channel(router_address, options=CHANNEL_OPTIONS)
         self._router = router_pb2_grpc.RouterServiceStub(self._router_channel)
         self._reporter = FailureReporter(self._router)
+        self._stall_probes: dict[str, asyncio.Future[bool]] = {}
+        self.stall_confirm_timeout_s = stall_confirm_timeout_s
         self._worker_channels: dict[str, grpc.aio.Channel] = {}
 
     @classmethod
@@ -326,31 +332,64 @@ class Pipeline:
             raise _error_from_status(exc, route, self.request_timeout_s, watch.silent_for_s()) from None
         finally:
             self._watches.close(watch)
+            if watch.pending is not None:
+                watch.pending.cancel()
             call.cancel()  # a no-op once finished; otherwise the worker aborts and frees the KV blocks
         raise _WorkerStreamBroken("the stream ended before the request finished", failures.STREAM_BROKEN,
                                   watch.silent_for_s())
 
     async def _read(self, call: Any, watch: StreamWatch, *, started: bool) -> Any:
-        """The next response, or _WorkerStreamBroken when the stream stays silent past its limit."""
+        """The next response, or _WorkerStreamBroken when the stream stays silent past its limit and the
+        worker does not answer a health check either (a slow worker keeps its streams)."""
+        while True:
+            if watch.pending is None:
+                watch.pending = asyncio.ensure_future(call.read())
+            try:
+                async with asyncio.timeout(self._watches.limit_s(started)) as timer:
+                    watch.timer = timer
+                    if watch.condemned:  # condemned between two reads
+                        timer.reschedule(asyncio.get_running_loop().time())
+                    # Shielded: a timer that fires must leave the call readable, should the worker be alive.
+                    response = await asyncio.shield(watch.pending)
+                watch.pending = None
+                watch.note_message()
+                return response
+            except TimeoutError:
+                if watch.condemned:
+                    raise _WorkerStreamBroken("another stream on this worker stalled", failures.WORKER_STALLED,
+                                              watch.silent_for_s()) from None
+                if await self._worker_answers(watch.address):
+                    self.failover_metrics.stall_false_alarms.inc()
+                    log.info("worker slow but alive; the stream stays", address=watch.address,
+                             silent_for_s=round(watch.silent_for_s(), 2))
+                    continue
+                silent_for_s = watch.silent_for_s()
+                if watch.condemned:  # another stream of this worker got the same answer first
+                    raise _WorkerStreamBroken("another stream on this worker stalled", failures.WORKER_STALLED,
+                                              silent_for_s) from None
+                num_condemned = self._watches.condemn_worker(watch.address, watch)
+                raise _WorkerStreamBroken(
+                    f"no token for {silent_for_s:.1f} s and no answer to a health check; {num_condemned} other "
+                    "streams on the worker move too", failures.STALLED, silent_for_s) from None
+            finally:
+                watch.timer = None
+
+    async def _worker_answers(self, address: str) -> bool:
+        """Whether the worker answers a health check SERVING; one check per worker at a time."""
+        probe = self._stall_probes.get(address)
+        if probe is None:
+            probe = asyncio.ensure_future(self._check_health(address))
+            self._stall_probes[address] = probe
+            probe.add_done_callback(lambda _: self._stall_probes.pop(address, None))
+        return await asyncio.shield(probe)
+
+    async def _check_health(self, address: str) -> bool:
         try:
-            async with asyncio.timeout(self._watches.limit_s(started)) as timer:
-                watch.timer = timer
-                if watch.condemned:  # condemned between two reads
-                    timer.reschedule(asyncio.get_running_loop().time())
-                response = await call.read()
-        except TimeoutError:
-            silent_for_s = watch.silent_for_s()
-            if watch.condemned:
-                raise _WorkerStreamBroken("another stream on this worker stalled", failures.WORKER_STALLED,
-                                          silent_for_s) from None
-            num_condemned = self._watches.condemn_worker(watch.address, watch)
-            raise _WorkerStreamBroken(
-                f"no token for {silent_for_s:.1f} s (stall limit); {num_condemned} other streams on the worker "
-                "move too", failures.STALLED, silent_for_s) from None
-        finally:
-            watch.timer = None
-        watch.note_message()
-        return response
+            reply = await health_pb2_grpc.HealthStub(self._worker_channel(address)).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=self.stall_confirm_timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     def _worker_channel(self, address: str) -> grpc.aio.Channel:
         channel = self._worker_channels.get(address)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from services.frontend.metrics import FrontendMetrics
@@ -55,14 +56,29 @@ class Router(router_pb2_grpc.RouterServiceServicer):
         return router_pb2.ReportWorkerFailureResponse(quarantined=True)
 
 
+class HangableHealth(health.aio.HealthServicer):
+    """SERVING, until the whole process hangs (then nothing answers, as under SIGSTOP)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answering = asyncio.Event()
+        self.answering.set()
+
+    async def Check(self, request, context):  # noqa: N802
+        await self.answering.wait()
+        return await super().Check(request, context)
+
+
 @dataclass
 class Worker(worker_pb2_grpc.WorkerServiceServicer):
     """Continues the sequence 10, 11, 12, ... from wherever the prompt left it, like a greedy model."""
 
-    break_after: int | None = None  # tokens streamed before it fails (UNAVAILABLE) or hangs
-    hang: bool = False
+    break_after: int | None = None  # tokens streamed before it fails (UNAVAILABLE), hangs or pauses
+    hang: bool = False  # the process hangs: no token, no health answer
+    pause_s: float = 0.0  # the engine is slow once: no token for this long, health still answers
     prompts: list[list[int]] = field(default_factory=list)
     max_tokens: list[int] = field(default_factory=list)
+    health: HangableHealth = field(default_factory=HangableHealth)
 
     async def Generate(self, request, context) -> AsyncIterator[worker_pb2.GenerateResponse]:  # noqa: N802
         prompt = list(request.prompt_token_ids)
@@ -72,8 +88,12 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
         for i in range(request.sampling.max_tokens):
             if self.break_after is not None and i == self.break_after:
                 if self.hang:
+                    self.health.answering.clear()
                     await asyncio.Event().wait()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+                if self.pause_s:
+                    await asyncio.sleep(self.pause_s)
+                else:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
             await asyncio.sleep(0.001)
             k = start + i
             response = worker_pb2.GenerateResponse(delta=common_pb2.TokenDelta(token_ids=[10 + k], text=f" t{k}"))
@@ -96,9 +116,13 @@ class Mesh:
                         **kwargs)  # type: ignore[arg-type]
 
 
-async def _start(servicer: object, add: object) -> tuple[grpc.aio.Server, str]:
+async def _start(servicer: object, add: object, health_servicer: HangableHealth | None = None,
+                 ) -> tuple[grpc.aio.Server, str]:
     server = grpc.aio.server()
     add(servicer, server)  # type: ignore[operator]
+    if health_servicer is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"
@@ -109,7 +133,7 @@ async def mesh() -> AsyncIterator[Mesh]:
     workers = [Worker(), Worker(), Worker()]
     servers, addresses = [], []
     for worker in workers:
-        server, address = await _start(worker, worker_pb2_grpc.add_WorkerServiceServicer_to_server)
+        server, address = await _start(worker, worker_pb2_grpc.add_WorkerServiceServicer_to_server, worker.health)
         servers.append(server)
         addresses.append(address)
     router = Router([(f"w{i}", address) for i, address in enumerate(addresses)])
@@ -158,13 +182,13 @@ async def test_a_broken_stream_continues_on_another_worker(mesh: Mesh) -> None:
 async def test_a_stalled_worker_loses_all_its_streams_at_once(mesh: Mesh) -> None:
     mesh.workers[0].break_after, mesh.workers[0].hang = 2, True
     mesh.router.workers = mesh.router.workers[:2]
-    pipeline = mesh.pipeline(stall_timeout_s=0.3)
+    pipeline = mesh.pipeline(stall_timeout_s=0.3, stall_confirm_timeout_s=0.2)
     started = asyncio.get_running_loop().time()
     results = await asyncio.gather(*(_collect(pipeline, _request(f"r{i}")) for i in range(3)))
     elapsed_s = asyncio.get_running_loop().time() - started
     assert all(text == EXPECTED_TEXT for text, _, _ in results)
-    # One stream's timer fired; the other two moved with it instead of waiting out their own.
-    assert elapsed_s < 0.3 * 2
+    # The timers fired, the worker did not answer its health check, and all three moved at once.
+    assert elapsed_s < 0.3 + 0.2 + 0.3
     registry = pipeline.metrics.registry
     stalled = registry.get_sample_value("tandem_frontend_migrations_total", {"model": MODEL, "reason": "stalled"})
     others = registry.get_sample_value("tandem_frontend_migrations_total",
@@ -195,4 +219,16 @@ async def test_no_worker_left_ends_the_stream_with_an_error(mesh: Mesh) -> None:
     pipeline = mesh.pipeline()
     with pytest.raises(Unavailable, match="after 1 tokens and no other worker can continue it"):
         await _collect(pipeline, _request("r1"))
+    await pipeline.close()
+
+
+async def test_a_slow_worker_that_answers_its_health_check_keeps_its_streams(mesh: Mesh) -> None:
+    mesh.workers[0].break_after, mesh.workers[0].pause_s = 2, 0.5
+    pipeline = mesh.pipeline(stall_timeout_s=0.2)
+    text, _, _ = await _collect(pipeline, _request("r1"))
+    assert text == EXPECTED_TEXT
+    assert len(mesh.workers[0].prompts) == 1 and not mesh.workers[1].prompts  # never moved
+    registry = pipeline.metrics.registry
+    assert registry.get_sample_value("tandem_frontend_stall_false_alarms_total", {}) >= 1
+    assert registry.get_sample_value("tandem_frontend_migrations_total", {"model": MODEL, "reason": "stalled"}) is None
     await pipeline.close()
