@@ -27,7 +27,7 @@ class RouterConfig:
     # How long stop() waits for in-flight Route calls before cancelling them.
     grace_s: float = 5.0
     # kv policy: cost = overlap_weight x blocks to prefill + decode blocks; see policy/README.md.
-    kv_overlap_weight: float = 2.0
+    kv_overlap_weight: float = 4.0
     kv_temperature: float = 0.0
     # Predict every worker's cache from routing decisions, ignoring their KV events.
     kv_approximate: bool = False

@@ -1,7 +1,13 @@
 """KV-aware cost: send a request where its prefix is cached unless that worker is busier than the saving.
 
-cost(w) = overlap_weight x blocks_to_prefill(w) + decode_blocks(w); the lowest cost wins, or a
-softmax over normalised costs picks among near-equal workers when a temperature is set.
+cost(w) = overlap_weight x blocks_to_prefill(w) + queued_prefill_blocks(w) + decode_blocks(w): the
+blocks this prompt would prefill on w (what a cache hit saves) weighted, plus w's load in blocks. The
+lowest cost wins, or a softmax over normalised costs picks among near-equal workers with a temperature.
+
+Unlike Dynamo's router, other requests' queued prefill is load (weight 1), not part of the weighted
+term: weighted, a holder busy with one cold prefill looked as expensive as prefilling the whole
+prompt elsewhere, and the miss then evicted another tenant there (benchmarks/prefix_routing.py: hit
+rate 62% instead of ~76% of prompt tokens).
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ from tandem.kv.hashing import iter_block_hashes
 class KvWeights:
     """The cost's knobs; set in configuration, overridable per request."""
 
-    # How much a block to prefill weighs against a block held by a decoding request. Higher
-    # favours cache hits (TTFT), lower spreads decode load (ITL). 2, not Dynamo's 1: with long
-    # shared prompts and short answers (prefill-bound, as on CPU), 1 let a one-request load
-    # difference split a tenant's prompt across workers (benchmarks/prefix_routing.py).
-    overlap_weight: float = 2.0
+    # How much a block this prompt must prefill weighs against a block of load (queued prefill or
+    # held by a decoding request): the price of a cache miss beyond its own latency, since the
+    # recomputation also evicts someone else's prefix. Higher keeps prefixes where they are
+    # cached (TTFT, hit rate), lower spreads load sooner; a hot prefix spills to a cold worker
+    # once its holder carries about overlap_weight x its length in extra load.
+    overlap_weight: float = 4.0
     # 0: always the lowest cost. Above 0: softmax over costs scaled to [0, 1], so near-equal
     # workers share the traffic; around 1 makes even clearly worse workers a likely pick.
     temperature: float = 0.0
@@ -86,7 +93,8 @@ class PromptBlocks:
 class WorkerCost:
     worker_id: str
     num_cached_blocks: int  # leading prompt blocks the worker already holds
-    prefill_blocks: float  # its queued prefill plus this prompt's uncached part, in blocks
+    prefill_blocks: float  # this prompt's part the worker would prefill (tokens / block size)
+    queued_prefill_blocks: float  # prefill routed there that has not produced a first token yet
     decode_blocks: int  # blocks its active requests hold, plus those this request would add
     cost: float
 
@@ -179,12 +187,13 @@ class KvRouter:
             request_blocks = -(-num_tokens // block_size)
             for worker_id in worker_ids:
                 cached = overlaps[worker_id]
-                prefill = (tracker.prefill_tokens(worker_id) + num_tokens - cached * block_size) / block_size
+                prefill = (num_tokens - cached * block_size) / block_size
+                queued = tracker.prefill_tokens(worker_id) / block_size
                 # Blocks that running requests already hold (a shared system prompt) add nothing.
                 shared = tracker.num_active_leading(worker_id, prompt.first(cached)) if cached else 0
                 decode = tracker.decode_blocks(worker_id) + request_blocks - shared
-                costs.append(WorkerCost(worker_id, cached, prefill, decode,
-                                        weights.overlap_weight * prefill + decode))
+                costs.append(WorkerCost(worker_id, cached, prefill, queued, decode,
+                                        weights.overlap_weight * prefill + queued + decode))
         return KvEvaluation(costs, prompts, {worker_id: size for worker_id, size in candidates})
 
     def pick(self, evaluation: KvEvaluation, weights: KvWeights | None = None) -> WorkerCost:

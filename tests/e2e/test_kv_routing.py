@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 WORKER_IDS = ("decode-a", "decode-b")
 # A ~1,000-token "system prompt" of valid token ids (63 full blocks of 16), then short questions.
 PREFIX = [200 + (i * 7919) % 30_000 for i in range(63 * 16)]
-FLOOD = 32  # concurrent requests: the holder takes ~24 before a cold prefill elsewhere is cheaper
+FLOOD = 24  # concurrent requests; at overlap weight 1 the holder takes ~16 before spilling
 # A 2-core machine running a hot-prefix flood on one worker can go seconds between tokens; that is
 # load, not a hung worker, so the frontend's stall detection must not move the requests away.
 _FRONTEND_ENV = {"TANDEM_STALL_TIMEOUT_S": "120", "TANDEM_FIRST_TOKEN_TIMEOUT_S": "0", "OMP_NUM_THREADS": "1"}
@@ -49,11 +49,12 @@ class KvMesh:
     def routed(self) -> dict[str, float]:
         return {w: self.metric("tandem_router_kv_routed_requests_total", worker_id=w) for w in WORKER_IDS}
 
-    def complete(self, prompt: list[int], max_tokens: int) -> tuple[float, int]:
+    def complete(self, prompt: list[int], max_tokens: int, **extra: Any) -> tuple[float, int]:
         """(seconds, cached prompt tokens) of one greedy completion; with max_tokens=1 that is the TTFT."""
         started = time.perf_counter()
         response = httpx.post(self.completions_url, json={"prompt": prompt, "max_tokens": max_tokens,
-                                                           "temperature": 0, "ignore_eos": True}, timeout=300)
+                                                           "temperature": 0, "ignore_eos": True, **extra},
+                              timeout=300)
         elapsed = time.perf_counter() - started
         assert response.status_code == 200, response.text
         return elapsed, int(response.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
@@ -112,9 +113,12 @@ def test_a_flood_of_one_hot_prefix_spreads_once_its_worker_is_busy(kv_mesh: KvMe
     kv_mesh.complete(PREFIX + _question(99), 1)  # one worker holds the prefix (and is idle)
     time.sleep(0.5)
     before = kv_mesh.routed()
+    # The request's own weights (extra_body "routing"): at the default overlap weight of 4 the holder
+    # would take ~60 of these before a cold prefill elsewhere is cheaper; at 1, ~16.
+    routing = {"routing": {"kv_overlap_weight": 1}}
     with ThreadPoolExecutor(FLOOD) as pool:
-        results: list[Any] = list(pool.map(lambda i: kv_mesh.complete(PREFIX + _question(100 + i), 4),
-                                           range(FLOOD)))
+        results: list[Any] = list(pool.map(
+            lambda i: kv_mesh.complete(PREFIX + _question(100 + i), 4, **routing), range(FLOOD)))
     routed = {w: kv_mesh.routed()[w] - before[w] for w in WORKER_IDS}
     assert sum(routed.values()) == FLOOD, routed  # no request failed over elsewhere
     assert min(routed.values()) >= 1, routed  # the busy holder did not get them all

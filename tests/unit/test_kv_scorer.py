@@ -77,23 +77,24 @@ def test_lowest_cost_trades_cache_hits_against_load(
     assert router.pick(router.evaluate(prompt, [("a", BS), ("b", BS)])).worker_id == winner
 
 
-def test_the_cost_is_overlap_weight_times_prefill_plus_decode_blocks() -> None:
+def test_the_cost_is_weighted_blocks_to_prefill_plus_queued_prefill_plus_decode_blocks() -> None:
     router = _router({"a": True}, overlap_weight=2.0)
     prompt = SYSTEM[: 10 * BS] + [1] * 5  # 10 full blocks and a partial one
     router.index.store("a", hash_blocks(prompt, BS)[:4])
     router.tracker.on_routed("other", "a", 3 * BS, [7, 8], 1)
     (cost,) = router.evaluate(prompt, [("a", BS)]).costs
     assert cost.num_cached_blocks == 4
-    assert cost.prefill_blocks == (3 * BS + len(prompt) - 4 * BS) / BS
+    assert cost.prefill_blocks == (len(prompt) - 4 * BS) / BS
+    assert cost.queued_prefill_blocks == 3  # the other request has not produced a token yet
     assert cost.decode_blocks == 3 + 11  # the other request's blocks + this prompt's
-    assert cost.cost == 2.0 * cost.prefill_blocks + cost.decode_blocks
+    assert cost.cost == 2.0 * cost.prefill_blocks + cost.queued_prefill_blocks + cost.decode_blocks
 
 
 def test_ties_are_shared_and_temperature_spreads_near_equal_workers() -> None:
     rng = random.Random(1)
-    tied = [WorkerCost("a", 0, 1, 1, 10.0), WorkerCost("b", 0, 1, 1, 10.0)]
+    tied = [WorkerCost("a", 0, 1, 0, 1, 10.0), WorkerCost("b", 0, 1, 0, 1, 10.0)]
     assert set(Counter(pick_lowest_cost(tied, 0.0, rng).worker_id for _ in range(200))) == {"a", "b"}
-    near = [WorkerCost("a", 0, 1, 1, 10.0), WorkerCost("b", 0, 1, 1, 11.0)]
+    near = [WorkerCost("a", 0, 1, 0, 1, 10.0), WorkerCost("b", 0, 1, 0, 1, 11.0)]
     assert {pick_lowest_cost(near, 0.0, rng).worker_id for _ in range(50)} == {"a"}
     picks = Counter(pick_lowest_cost(near, 1.0, rng).worker_id for _ in range(2000))
     assert 0.6 < picks["a"] / 2000 < 0.85  # e^0 : e^-1 is 0.73 : 0.27
@@ -104,7 +105,7 @@ def test_ties_are_shared_and_temperature_spreads_near_equal_workers() -> None:
 
 @pytest.mark.parametrize(
     ("overlap_weight", "temperature", "expected"),
-    [(None, None, KvWeights(2.0, 0.0)), (3.0, None, KvWeights(3.0, 0.0)), (None, 0.5, KvWeights(2.0, 0.5))],
+    [(None, None, KvWeights(4.0, 0.0)), (3.0, None, KvWeights(3.0, 0.0)), (None, 0.5, KvWeights(4.0, 0.5))],
 )
 def test_a_request_overrides_only_the_weights_it_sets(
     overlap_weight: float | None, temperature: float | None, expected: KvWeights
@@ -165,16 +166,16 @@ def test_lost_feedback_expires() -> None:
     assert tracker.decode_blocks("w") == 0
 
 
-@pytest.mark.parametrize(("share_blocks", "num_stay"), [(False, 2), (True, 20)])
+@pytest.mark.parametrize(("share_blocks", "num_stay"), [(False, 4), (True, 40)])
 def test_a_hot_prefix_stays_on_its_worker_until_that_worker_is_busy_then_spreads(share_blocks: bool,
                                                                                  num_stay: int) -> None:
     router = _router({"a": True, "b": True}, share_blocks=share_blocks)
     router.index.store("a", hash_blocks(SYSTEM, BS))
-    chosen = [_route(router, f"r{i}", _question(i), ["a", "b"]).worker_id for i in range(32)]
+    chosen = [_route(router, f"r{i}", _question(i), ["a", "b"]).worker_id for i in range(70)]
     # Counting shared blocks once, a's running requests make more of them look cheap.
     assert chosen[:num_stay] == ["a"] * num_stay
     assert "b" in chosen  # until a's queued prefill and blocks outweigh prefilling on b
-    for i in range(32):
+    for i in range(70):
         router.on_first_token(f"r{i}")
         router.on_finished(f"r{i}")
     assert _route(router, "later", _question(99), ["a", "b"]).worker_id == "a"
