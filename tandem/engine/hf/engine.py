@@ -240,12 +240,14 @@ class HFEngine:
         return PrefillResult(seq.request_id, update.token_ids[-1], reason, seq.num_prompt_tokens,
                              update.num_cached_tokens, update.pinned_block_ids)
 
-    def read_kv(self, block_ids: list[int], layer_start: int, layer_count: int) -> torch.Tensor:
+    def read_kv(self, block_ids: list[int], layer_start: int, layer_count: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
         """A copy of K and V of ``block_ids`` for layers [start, start+count): [L, 2, B, bs, kvh, d].
 
-        Safe from the event loop: pinned blocks are never written by the step thread.
+        ``out`` (that shape, e.g. a shared-memory view) receives the copy when given. Safe from
+        the event loop: pinned blocks are never written by the step thread.
         """
-        return self.runner.read_blocks(block_ids, layer_start, layer_count)
+        return self.runner.read_blocks(block_ids, layer_start, layer_count, out)
 
     async def release_kv(self, request_id: str) -> None:
         """Unpin a prefilled request's blocks (after export, on lease expiry or cancellation)."""

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.engine.hf.scheduler import ScheduledSeq
+from tandem.kv.block_copy import gather_blocks, scatter_blocks
 
 ATTENTION_NAME = "tandem_paged"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -160,24 +161,14 @@ class ModelRunner:
                             tandem_runner=self, tandem_step=meta)
         return output.logits[0].float()
 
-    def _block_slots(self, block_ids: list[int]) -> torch.Tensor:
-        blocks = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        return (blocks[:, None] * self.block_size + self._slot_offsets).flatten()
+    def read_blocks(self, block_ids: list[int], layer_start: int, layer_count: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        """K/V of whole blocks as one contiguous tensor [layers, 2, blocks, block_size, kv_heads, head_dim].
 
-    def read_blocks(self, block_ids: list[int], layer_start: int, layer_count: int) -> torch.Tensor:
-        """K/V of whole blocks as one contiguous tensor [layers, 2, blocks, block_size, kv_heads, head_dim]."""
-        slots = self._block_slots(block_ids)
-        layers = slice(layer_start, layer_start + layer_count)
-        shape = (layer_count, len(block_ids), self.block_size, self.num_kv_heads, self.head_dim)
-        k = self.k_cache[layers, slots].view(shape)
-        v = self.v_cache[layers, slots].view(shape)
-        return torch.stack((k, v), dim=1)
+        ``out``, when given, receives the copy (and is returned).
+        """
+        return gather_blocks(self.k_cache, self.v_cache, self.block_size, block_ids, layer_start, layer_count, out)
 
     def write_blocks(self, block_ids: list[int], layer_start: int, data: torch.Tensor) -> None:
         """The inverse of ``read_blocks``: ``data`` [layers, 2, blocks, block_size, kv_heads, head_dim]."""
-        slots = self._block_slots(block_ids)
-        layers = slice(layer_start, layer_start + data.shape[0])
-        flat = data.to(device=self.device, dtype=self.dtype).reshape(
-            data.shape[0], 2, len(block_ids) * self.block_size, self.num_kv_heads, self.head_dim)
-        self.k_cache[layers, slots] = flat[:, 0]
-        self.v_cache[layers, slots] = flat[:, 1]
+        scatter_blocks(self.k_cache, self.v_cache, self.block_size, block_ids, layer_start, data)
