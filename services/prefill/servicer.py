@@ -173,9 +173,14 @@ class PrefillServicer:
             plan = [chunk for chunk in plan if chunk.sequence_number in wanted]
         transport = _TRANSPORT_NAMES[request.transport]
         with self.leases.pulling(lease):
-            async for message in exporter.chunks(lease.transfer_id, self._engine, lease.block_ids[:num_blocks], plan,
-                                                 skip_checksum=request.skip_checksum):
-                yield message
+            messages = exporter.chunks(lease.transfer_id, self._engine, lease.block_ids[:num_blocks], plan,
+                                       skip_checksum=request.skip_checksum)
+            try:
+                async for message in messages:
+                    yield message
+            finally:
+                # Now, not when garbage-collected: copies still running must end while the lease is busy.
+                await messages.aclose()  # type: ignore[attr-defined]
             self._metrics.bytes_sent.labels(transport=transport).inc(sum(c.num_bytes for c in plan))
             self._metrics.chunks_sent.labels(transport=transport).inc(len(plan))
 

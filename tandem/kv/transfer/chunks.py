@@ -86,6 +86,8 @@ def checksum(data: memoryview | bytes) -> int:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without copying (bfloat16 has no numpy dtype)."""
+    if tensor.device.type != "cpu":  # a GPU pool: the bytes go through host memory
+        tensor = tensor.cpu()
     flat = tensor.contiguous().view(-1).view(torch.uint8)
     return memoryview(flat.numpy())  # type: ignore[arg-type]
 

@@ -68,8 +68,10 @@ class KvSource(Protocol):
         """Shape of the pool; fixed after start()."""
         ...
 
-    def read_kv(self, block_ids: list[int], layer_start: int, layer_count: int) -> torch.Tensor:
-        """A copy of pinned blocks, [layers, 2, blocks, block_size, kv_heads, head_dim].
+    def read_kv(self, block_ids: list[int], layer_start: int, layer_count: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """A copy of pinned blocks, [layers, 2, blocks, block_size, kv_heads, head_dim], into ``out``
+        when given (the shm exporter passes a view of its segment: one copy, no staging).
 
         Called from the event loop while the blocks are pinned; never blocks on the step thread.
         """

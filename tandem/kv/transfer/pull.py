@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import structlog
@@ -74,6 +75,9 @@ class _StreamingPuller:
         self.settings = settings
         self._channels = channels
         self.chunk_hook = chunk_hook
+        # Checksums and copies into the pool release the GIL: a few threads land chunks while the
+        # event loop keeps receiving.
+        self._executor = ThreadPoolExecutor(settings.num_copy_threads, thread_name_prefix="kv-pull")
 
     @property
     def _skip_checksum(self) -> bool:
@@ -147,6 +151,8 @@ class _StreamingPuller:
             sequence_numbers=sequence_numbers, transport=self.transport,  # type: ignore[arg-type]
             skip_checksum=self._skip_checksum)
         call = call_factory(request, timeout=max(0.001, timeout_s))
+        loop = asyncio.get_running_loop()
+        landing: set[asyncio.Future[str | None]] = set()
         try:
             async for header, data in call:
                 chunk = by_seq.get(header.sequence_number)
@@ -161,21 +167,53 @@ class _StreamingPuller:
                         raise KvTransferError(f"cannot read chunk {chunk.sequence_number}: {error}", "shm") from error
                     if self.chunk_hook is not None:
                         payload = await self.chunk_hook(header, payload)
-                    if len(payload) != chunk.num_bytes:
-                        problem = f"size {len(payload)} != {chunk.num_bytes}"
-                    elif not self._skip_checksum and checksum(payload) != header.checksum:
-                        problem = "checksum mismatch"
                 if problem is not None or payload is None:
-                    result.retry_reasons.append("corrupt")
-                    log.warning("KV chunk failed verification; will ask again", transfer_id=handle.transfer_id,
-                                sequence_number=chunk.sequence_number, problem=problem)
+                    self._note_corrupt(handle, chunk, problem, result)
                     continue
-                sink.write(chunk.block_start, chunk.layer_start, tensor_from_bytes(payload, handle.layout, chunk))
-                remaining.discard(chunk.sequence_number)
-                result.num_bytes += chunk.num_bytes
-                result.num_chunks += 1
+                if len(landing) >= self.settings.num_copy_threads + 1:  # bound the chunks held in memory
+                    await asyncio.wait(landing, return_when=asyncio.FIRST_COMPLETED)
+                future = loop.run_in_executor(self._executor, self._land, handle, chunk, header.checksum, payload,
+                                              sink)
+                landing.add(future)
+                future.add_done_callback(landing.discard)
+                future.add_done_callback(
+                    lambda done, chunk=chunk: self._landed(done, handle, chunk, remaining, result))
         finally:
             call.cancel()  # a no-op when it finished; frees the server side otherwise
+            # Never return (or raise) while a copy into the reservation is still running: the caller
+            # may free the reserved blocks next.
+            if landing:
+                await asyncio.wait(landing)
+
+    def _land(self, handle: TransferHandle, chunk: ChunkSpec, expected_checksum: int, payload: memoryview,
+              sink: KvSink) -> str | None:
+        """On a worker thread: verify the bytes and copy them into the sink; the problem, if any."""
+        if len(payload) != chunk.num_bytes:
+            return f"size {len(payload)} != {chunk.num_bytes}"
+        if not self._skip_checksum and checksum(payload) != expected_checksum:
+            return "checksum mismatch"
+        sink.write(chunk.block_start, chunk.layer_start, tensor_from_bytes(payload, handle.layout, chunk))
+        return None
+
+    def _landed(self, future: asyncio.Future[str | None], handle: TransferHandle, chunk: ChunkSpec,
+                remaining: set[int], result: PullResult) -> None:
+        """Back on the event loop: count the chunk in, or leave it missing for the next attempt."""
+        if future.cancelled():
+            return
+        error = future.exception()
+        problem = f"{type(error).__name__}: {error}" if error is not None else future.result()
+        if problem is not None:
+            self._note_corrupt(handle, chunk, problem, result)
+            return
+        remaining.discard(chunk.sequence_number)
+        result.num_bytes += chunk.num_bytes
+        result.num_chunks += 1
+
+    @staticmethod
+    def _note_corrupt(handle: TransferHandle, chunk: ChunkSpec, problem: str | None, result: PullResult) -> None:
+        result.retry_reasons.append("corrupt")
+        log.warning("KV chunk failed verification; will ask again", transfer_id=handle.transfer_id,
+                    sequence_number=chunk.sequence_number, problem=problem)
 
     @staticmethod
     def _verify(header: kv_pb2.KvChunk, chunk: ChunkSpec) -> str | None:
@@ -196,6 +234,7 @@ class GrpcKvPuller(_StreamingPuller):
 
     async def close(self) -> None:
         await self._channels.close()
+        self._executor.shutdown(wait=True)
 
 
 class ShmKvPuller(_StreamingPuller):
@@ -220,5 +259,6 @@ class ShmKvPuller(_StreamingPuller):
         return self._reader.view(shm.segment, shm.segment_size, shm.offset, shm.length)
 
     async def close(self) -> None:
+        self._executor.shutdown(wait=True)
         self._reader.close()
         await self._channels.close()

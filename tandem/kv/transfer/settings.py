@@ -18,6 +18,7 @@ class PullSettings:
     max_retries: int = 3
     retry_backoff_s: float = 0.05
     verify_shm_checksums: bool = False
+    num_copy_threads: int = 2  # threads verifying chunks and copying them into the pool
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -30,5 +31,7 @@ class PullSettings:
             raise bad("num_streams", f"must be in [1, 16], got {self.num_streams}")
         if not 0 <= self.max_retries <= 10:
             raise bad("max_retries", f"must be in [0, 10], got {self.max_retries}")
+        if not 1 <= self.num_copy_threads <= 32:
+            raise bad("num_copy_threads", f"must be in [1, 32], got {self.num_copy_threads}")
         if not self.retry_backoff_s >= 0:
             raise bad("retry_backoff_s", f"must be >= 0, got {self.retry_backoff_s}")

@@ -1,7 +1,7 @@
 """A paged KV pool without a model: the transport benchmarks and tests move real bytes through it.
 
 Laid out like the hf engine's pool (per layer, one K and one V tensor of [slots, kv_heads,
-head_dim]), so gathering and scattering blocks costs what it costs there. ``prefill`` pins
+head_dim]) and copied with the same functions, so gathering and scattering costs what it costs there. ``prefill`` pins
 blocks filled with a deterministic pattern instead of running a model.
 """
 
@@ -13,6 +13,7 @@ import torch
 
 from tandem.engine.types import EngineRequest, EngineStats, KVLayout, PrefillResult
 from tandem.errors import ResourceExhausted
+from tandem.kv.block_copy import gather_blocks, scatter_blocks
 from tandem.kv.transfer.chunks import TORCH_DTYPES
 
 
@@ -31,26 +32,13 @@ class SyntheticKvPool:
     def kv_layout(self) -> KVLayout:
         return self.layout
 
-    def _slots(self, block_ids: list[int]) -> torch.Tensor:
-        bs = self.layout.block_size
-        base = torch.tensor(block_ids, dtype=torch.long).unsqueeze(1) * bs
-        return (base + torch.arange(bs)).reshape(-1)
-
-    def read_kv(self, block_ids: list[int], layer_start: int, layer_count: int) -> torch.Tensor:
-        layout = self.layout
-        slots = self._slots(block_ids)
-        layers = slice(layer_start, layer_start + layer_count)
-        shape = (layer_count, len(block_ids), layout.block_size, layout.num_kv_heads, layout.head_dim)
-        return torch.stack((self.k_cache[layers, slots].view(shape), self.v_cache[layers, slots].view(shape)), dim=1)
+    def read_kv(self, block_ids: list[int], layer_start: int, layer_count: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        return gather_blocks(self.k_cache, self.v_cache, self.layout.block_size, block_ids, layer_start,
+                             layer_count, out)
 
     def write_blocks(self, block_ids: list[int], layer_start: int, data: torch.Tensor) -> None:
-        layout = self.layout
-        slots = self._slots(block_ids)
-        layers = slice(layer_start, layer_start + data.shape[0])
-        flat = data.reshape(data.shape[0], 2, len(block_ids) * layout.block_size, layout.num_kv_heads,
-                            layout.head_dim)
-        self.k_cache[layers, slots] = flat[:, 0]
-        self.v_cache[layers, slots] = flat[:, 1]
+        scatter_blocks(self.k_cache, self.v_cache, self.layout.block_size, block_ids, layer_start, data)
 
     def fill(self, block_ids: list[int], seed: int) -> None:
         """Distinct, reproducible values in every slot of ``block_ids``."""
