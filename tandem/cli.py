@@ -58,6 +58,7 @@ def _up_parser() -> argparse.ArgumentParser:
                         help="worker i (decode workers first, then prefill) serves gRPC on BASE+2i and metrics "
                         "on BASE+2i+1; 0 picks free ports")
     parser.add_argument("--policy", default=env("TANDEM_ROUTER_POLICY", "least-loaded"))
+    parser.add_argument("--device", default=env("TANDEM_DEVICE", "cpu"), help="workers' torch device (cpu, cuda)")
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--num-threads", type=int, default=None,
@@ -132,7 +133,7 @@ def up(argv: list[str]) -> int:
             worker_args = ["--model", str(model_path), "--engine", args.engine, "--host", "127.0.0.1",
                            "--port", str(port), "--metrics-port", str(metrics_port),
                            "--router-address", router_address, "--num-threads", str(threads),
-                           "--worker-id", name]
+                           "--worker-id", name, "--device", args.device]
             if role == "decode" or args.kv_transport == "grpc":  # prefill workers serve shm unless told grpc
                 worker_args += ["--kv-transport", args.kv_transport]
             if args.num_kv_blocks:
