@@ -109,9 +109,10 @@ async def chaos_loop(mesh: LocalMesh, faults: list[Fault], kinds: list[str], eve
         next_s = started + (n + 1) * every_s
         try:
             await asyncio.wait_for(stop.wait(), max(0.0, next_s - time.monotonic()))
-            return
         except TimeoutError:
             pass
+        if stop.is_set():
+            return
         fault = Fault(kinds[n % len(kinds)], n % len(mesh.workers), time.monotonic() - started)
         n += 1
         faults.append(fault)
