@@ -103,10 +103,10 @@ class ConsulRegistry:
 
     def apply_catalogue(self, role: WorkerRole, entries: list[dict[str, Any]]) -> None:
         """Replace the workers of ``role`` with the passing instances in ``entries``."""
-        infos = {}
-        for entry in entries:
+        infos: dict[str, WorkerInfo] = {}
+        for item in entries:
             try:
-                info = info_from_entry(entry, role)
+                info = info_from_entry(item, role)
             except (KeyError, ValueError, TypeError) as error:
                 log.warning("skipping a malformed consul entry", error=repr(error))
                 continue
@@ -115,8 +115,8 @@ class ConsulRegistry:
             del self._entries[worker_id]
             log.info("worker left the consul catalogue", worker_id=worker_id)
         for worker_id, info in infos.items():
-            entry = self._entries.get(worker_id)
-            if entry is None or entry.info != info:
+            known = self._entries.get(worker_id)
+            if known is None or known.info != info:
                 self._entries[worker_id] = _Entry(info)
                 log.info("worker joined from the consul catalogue", worker_id=worker_id, address=info.address)
         self._synced[role].set()
