@@ -48,6 +48,14 @@ def parse_args(argv: list[str] | None = None) -> FrontendConfig:
                         help="requests waiting beyond that; more get 503 + Retry-After [$TANDEM_MAX_QUEUED_REQUESTS]")
     parser.add_argument("--queue-timeout-s", type=float, default=float(env("TANDEM_QUEUE_TIMEOUT_S", "30")),
                         help="longest wait in the queue [$TANDEM_QUEUE_TIMEOUT_S]")
+    parser.add_argument("--registry", choices=("embedded", "consul"), default=env("TANDEM_REGISTRY", "embedded"),
+                        help="consul: list this frontend in the local Consul agent [$TANDEM_REGISTRY]")
+    parser.add_argument("--consul-address", default=env("TANDEM_CONSUL_ADDRESS", "127.0.0.1:8500"),
+                        help="host:port of the local Consul agent's HTTP API [$TANDEM_CONSUL_ADDRESS]")
+    parser.add_argument("--consul-service-prefix", default=env("TANDEM_CONSUL_SERVICE_PREFIX", "tandem"),
+                        help="the service is named PREFIX-frontend [$TANDEM_CONSUL_SERVICE_PREFIX]")
+    parser.add_argument("--advertise-host", default=env("TANDEM_ADVERTISE_HOST", "127.0.0.1"),
+                        help="host given to Consul for this frontend [$TANDEM_ADVERTISE_HOST]")
     args = parser.parse_args(argv)
     return FrontendConfig(
         model=args.model, served_model_name=args.served_model_name, host=args.host,
@@ -56,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> FrontendConfig:
         shutdown_grace_s=args.shutdown_grace_s, migration_limit=args.migration_limit,
         stall_timeout_s=args.stall_timeout_s or None, first_token_timeout_s=args.first_token_timeout_s or None,
         max_inflight_requests=args.max_inflight_requests, max_queued_requests=args.max_queued_requests,
-        queue_timeout_s=args.queue_timeout_s,
+        queue_timeout_s=args.queue_timeout_s, registry=args.registry, consul_address=args.consul_address,
+        consul_service_prefix=args.consul_service_prefix, advertise_host=args.advertise_host,
     )
 
 

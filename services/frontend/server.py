@@ -18,6 +18,7 @@ from services.frontend.grpc_api import GenerationApi
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.openai_http import OpenAIHttpApi, create_app
 from services.frontend.pipeline import Pipeline
+from tandem.discovery.consul import REGISTRIES, ConsulRegistration, ConsulSettings
 from tandem.grpc_server import GrpcService
 from tandem.models import resolve_model, served_model_name
 
@@ -46,6 +47,15 @@ class FrontendConfig:
     max_inflight_requests: int = 1024  # requests at the workers at once; more wait in the queue
     max_queued_requests: int = 1024  # beyond this, 503 + Retry-After / RESOURCE_EXHAUSTED at once
     queue_timeout_s: float = 30.0  # longest wait in the queue before the same answer
+    # "consul": list this frontend in the local Consul agent (a gRPC check on grpc_port), for load
+    # balancers and discovery; "embedded": no registration (frontends take no routed work).
+    registry: str = "embedded"
+    consul_address: str = "127.0.0.1:8500"
+    consul_service_prefix: str = "tandem"
+    advertise_host: str = "127.0.0.1"  # the host Consul is given for this frontend
+
+    def consul(self) -> ConsulSettings:
+        return ConsulSettings(address=self.consul_address, service_prefix=self.consul_service_prefix)
     retry_after_s: int = 1  # Retry-After on 503s
     shutdown_grace_s: float = 10.0  # how long in-flight requests may finish on stop
     enable_kserve: bool = True  # serve services.frontend.kserve too, when it is installed
@@ -78,6 +88,13 @@ class FrontendConfig:
             raise bad("max_queued_requests", f"must be >= 0, got {self.max_queued_requests}")
         if not self.queue_timeout_s > 0:
             raise bad("queue_timeout_s", f"must be positive, got {self.queue_timeout_s}")
+        if self.registry not in REGISTRIES:
+            raise bad("registry", f"{self.registry!r} is not one of {', '.join(REGISTRIES)}")
+        if self.registry == "consul":
+            try:
+                self.consul()
+            except ValueError as error:
+                raise ValueError(str(error).replace("invalid setting", "invalid frontend setting", 1)) from None
         if self.retry_after_s < 0:
             raise bad("retry_after_s", f"must be >= 0, got {self.retry_after_s}")
         if self.shutdown_grace_s < 0:
@@ -113,6 +130,7 @@ class RunningFrontend:
         self._runner = runner
         self.draining = False
         self._stopped = asyncio.Event()
+        self.consul_registration: ConsulRegistration | None = None
 
     @property
     def model_name(self) -> str:
@@ -126,6 +144,8 @@ class RunningFrontend:
         self.draining = True
         grace_s = self.config.shutdown_grace_s
         log.info("frontend stopping", grace_s=grace_s)
+        if self.consul_registration is not None:
+            await self.consul_registration.stop()
         await self.grpc_service.set_serving(False)
         # The HTTP runner closes its listeners, then waits up to its shutdown_timeout (the same grace).
         await asyncio.gather(self.grpc_service.stop(grace_s), self._runner.cleanup())
@@ -180,6 +200,12 @@ async def serve(config: FrontendConfig, *, registry: CollectorRegistry | None = 
         raise
     frontend = RunningFrontend(config, pipeline, grpc_service, runner, http_port)
     await grpc_service.set_serving(True)
+    if config.registry == "consul":
+        address = f"{config.advertise_host}:{grpc_service.port}"
+        frontend.consul_registration = ConsulRegistration(
+            config.consul(), role="frontend", service_id=f"frontend-{address}", address=address,
+            meta={"model": model_name, "http_port": str(http_port)})
+        frontend.consul_registration.start()
     log.info("frontend serving", model=model_name, http_port=http_port, grpc_port=grpc_service.port,
              router=config.router_address, apis=[type(api).__name__ for api in apis])
     return frontend

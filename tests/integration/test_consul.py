@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,6 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.decode.config import DecodeConfig
 from services.decode.server import serve as serve_decode
+from services.frontend.server import FrontendConfig
+from services.frontend.server import serve as serve_frontend
 from services.router.config import RouterConfig
 from services.router.server import RunningRouter, serve
 from tandem.discovery.consul import ConsulRegistration, ConsulSettings
@@ -202,3 +205,18 @@ async def test_a_decode_worker_registers_with_consul_and_deregisters_on_stop(
         await worker.stop(drain_timeout_s=0)
     assert "decode-9" not in agent.services  # deregistered, not left to fail its checks
     await _wait_listed(stub, [])
+
+
+async def test_the_frontend_registers_its_grpc_port_and_deregisters_on_stop(
+        agent: FakeConsulAgent, router: RunningRouter, model_path: Path) -> None:
+    frontend = await serve_frontend(FrontendConfig(
+        model=str(model_path), host="127.0.0.1", http_port=0, grpc_port=0, router_address=router.address,
+        enable_kserve=False, registry="consul", consul_address=agent.address))
+    try:
+        service_id = f"frontend-127.0.0.1:{frontend.grpc_port}"
+        await _until(lambda: service_id in agent.services)
+        assert agent.services[service_id].meta["http_port"] == str(frontend.http_port)
+        await _until(lambda: agent.passing("tandem-frontend") == [service_id])  # its gRPC health passes
+    finally:
+        await frontend.stop()
+    assert service_id not in agent.services
