@@ -93,11 +93,12 @@ class KvFeed:
                   last_event_id=chunk.last_event_id)
         return outcome is ApplyOutcome.GAP
 
-    def on_progress(self, progress: router_pb2.RequestProgress) -> None:
+    def on_progress(self, worker_id: str, progress: router_pb2.RequestProgress) -> None:
+        # Matched on the worker too: a migrated request's first attempt ends after its re-route.
         for request_id in progress.first_token_request_ids:
-            self.kv.on_first_token(request_id)
+            self.kv.on_first_token(request_id, worker_id)
         for request_id in progress.finished_request_ids:
-            self.kv.on_finished(request_id)
+            self.kv.on_finished(request_id, worker_id)
 
     def _update_size(self) -> None:
         self._metrics.index_blocks.set(self.kv.index.num_blocks)

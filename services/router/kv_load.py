@@ -121,23 +121,31 @@ class LoadTracker:
         if request.prefill_tokens:
             self._prefilling[request_id] = None
 
-    def on_first_token(self, request_id: str) -> None:
-        """Its prefill is done: the tokens leave the prefill queue; its blocks stay until finish."""
+    def on_first_token(self, request_id: str, worker_id: str | None = None) -> None:
+        """Its prefill is done: the tokens leave the prefill queue; its blocks stay until finish.
+
+        With ``worker_id``, a notice from another worker than the request's (it was re-routed
+        since) is ignored.
+        """
         request = self._requests.get(request_id)
+        if request is None or (worker_id is not None and request.worker_id != worker_id):
+            return
         self._prefilling.pop(request_id, None)
-        if request is None or not request.prefill_tokens:
+        if not request.prefill_tokens:
             return
         load = self._workers.get(request.worker_id)
         if load is not None:
             load.prefill_tokens -= request.prefill_tokens
         request.prefill_tokens = 0
 
-    def on_finished(self, request_id: str) -> None:
-        """Release everything the request held. Unknown ids (expired, or never routed) are ignored."""
-        self.on_first_token(request_id)
-        request = self._requests.pop(request_id, None)
-        if request is None:
+    def on_finished(self, request_id: str, worker_id: str | None = None) -> None:
+        """Release everything the request held. Unknown ids (expired, never routed) are ignored, and
+        so, with ``worker_id``, is the end of an earlier attempt on another worker."""
+        request = self._requests.get(request_id)
+        if request is None or (worker_id is not None and request.worker_id != worker_id):
             return
+        self.on_first_token(request_id)
+        del self._requests[request_id]
         load = self._workers.get(request.worker_id)
         if load is None:
             return
@@ -176,7 +184,8 @@ class LoadTracker:
             request = self._requests.get(request_id)
             if request is not None and now - request.routed_s < self._prefill_timeout_s:
                 break
-            self.on_first_token(request_id)  # also pops it from _prefilling
+            self._prefilling.pop(request_id)
+            self.on_first_token(request_id)
         num_released = 0
         while self._requests:
             request_id, request = next(iter(self._requests.items()))

@@ -217,11 +217,11 @@ class KvRouter:
         if worker_id in self.approximate:
             self.approximate.on_routed(worker_id, prompt.all())
 
-    def on_first_token(self, request_id: str) -> None:
-        self.tracker.on_first_token(request_id)
+    def on_first_token(self, request_id: str, worker_id: str | None = None) -> None:
+        self.tracker.on_first_token(request_id, worker_id)
 
-    def on_finished(self, request_id: str) -> None:
-        self.tracker.on_finished(request_id)
+    def on_finished(self, request_id: str, worker_id: str | None = None) -> None:
+        self.tracker.on_finished(request_id, worker_id)
 
     def on_load_report(self, worker_id: str, num_kv_blocks_used: int) -> None:
         self.tracker.on_load_report(worker_id, num_kv_blocks_used)

@@ -225,7 +225,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             return feed.on_events(worker_id, message.kv_events)
         if kind == "kv_snapshot":
             return feed.on_snapshot(worker_id, message.kv_snapshot)
-        feed.on_progress(message.progress)
+        feed.on_progress(worker_id, message.progress)
         return False
 
     async def ListWorkers(  # noqa: N802

@@ -145,6 +145,18 @@ def test_a_rerouted_request_moves_its_load() -> None:
     assert tracker.decode_blocks("b") == 3 and tracker.prefill_tokens("b") == 64
 
 
+def test_notices_from_a_request_s_earlier_worker_do_not_release_its_new_load() -> None:
+    tracker = LoadTracker(clock=FakeClock())
+    tracker.on_routed("r", "a", 64, [1, 2], 1)
+    tracker.on_routed("r", "b", 64, [1, 2], 1)  # migrated: the frontend routed it again
+    tracker.on_first_token("r", "a")
+    tracker.on_finished("r", "a")  # the first attempt ends on a, after the re-route
+    assert tracker.prefill_tokens("b") == 64 and tracker.decode_blocks("b") == 3
+    tracker.on_first_token("r", "b")
+    tracker.on_finished("r", "b")
+    assert len(tracker) == 0 and tracker.decode_blocks("b") == 0
+
+
 def test_load_reports_add_blocks_the_router_did_not_predict_but_never_hide_predicted_ones() -> None:
     tracker = LoadTracker(clock=FakeClock())
     tracker.on_routed("r", "w", 0, [1, 2], 1)
