@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from tandem.discovery.consul import REGISTRIES, ConsulSettings
 from tandem.engine.config import ENGINES, EngineConfig
-from tandem.kv.transfer.settings import PullSettings
+from tandem.kv.transfer.settings import DEFAULT_CHUNK_BYTES, PullSettings
 
 KV_TRANSPORTS = ("auto", "grpc", "shm")
 
@@ -42,7 +42,7 @@ class DecodeConfig:
     # Disaggregation: pulling KV from prefill workers (see tandem.kv.transfer.pull.PullSettings).
     kv_transport: str = "auto"  # auto: shared memory when the prefill worker is on this host, else gRPC
     kv_streams: int = 2  # parallel PullKv streams per transfer (gRPC)
-    kv_chunk_bytes: int = 1024 * 1024
+    kv_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     kv_max_retries: int = 3
     kv_transfer_timeout_s: float = 30.0
     prefill_timeout_s: float = 60.0  # a remote Prefill call; past it the prompt is prefilled here
