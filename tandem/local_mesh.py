@@ -73,8 +73,10 @@ class LocalMesh:
         self.router_address = f"127.0.0.1:{self.router_port}"
         self.http_port, self.grpc_port = procs.free_port(), procs.free_port()
         self.http_url = f"http://127.0.0.1:{self.http_port}"
+        router_metrics_port = procs.free_port()
+        self.router_metrics_url = f"http://127.0.0.1:{router_metrics_port}/metrics"
         self.router = Child("router", ["--host", "127.0.0.1", "--port", str(self.router_port),
-                                       "--metrics-port", str(procs.free_port()), *router_args], env)
+                                       "--metrics-port", str(router_metrics_port), *router_args], env)
         self.worker_ports = [(procs.free_port(), procs.free_port()) for _ in range(num_workers)]
         self.workers = [
             Child("decode", [
