@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
@@ -35,6 +37,15 @@ _KIND_TO_PROTO = {
 }
 _REPORT_TIMEOUT_S = 1.0
 _DETECTION_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class WorkerStreamBroken(Exception):
+    """The worker failed the request in a way another worker can fix: the request migrates."""
+
+    def __init__(self, message: str, kind: str, detected_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.kind = kind  # one of KINDS
+        self.detected_after_s = detected_after_s  # silence on the stream before the failure showed
 
 
 class FailoverMetrics:
@@ -127,6 +138,77 @@ class StreamWatches:
         for watch in others:
             watch.condemn()
         return len(others)
+
+
+class StallDetector:
+    """Reads worker streams under their stall timers. A timer that fires moves the stream only if its
+    worker also fails a health check within ``confirm_timeout_s``: a live process answers in
+    milliseconds even when its engine is slow, and a slow worker keeps its streams."""
+
+    def __init__(self, watches: StreamWatches, metrics: FailoverMetrics,
+                 channel_for: Callable[[str], grpc.aio.Channel], confirm_timeout_s: float) -> None:
+        self._watches = watches
+        self._metrics = metrics
+        self._channel_for = channel_for
+        self._confirm_timeout_s = confirm_timeout_s
+        self._probes: dict[str, asyncio.Future[bool]] = {}
+
+    def open(self, address: str) -> StreamWatch:
+        return self._watches.open(address)
+
+    def close(self, watch: StreamWatch) -> None:
+        self._watches.close(watch)
+        if watch.pending is not None:
+            watch.pending.cancel()
+
+    async def read(self, call: Any, watch: StreamWatch, *, started: bool) -> Any:
+        """The call's next response; raises WorkerStreamBroken when the worker is found hung."""
+        while True:
+            if watch.pending is None:
+                watch.pending = asyncio.ensure_future(call.read())
+            try:
+                async with asyncio.timeout(self._watches.limit_s(started)) as timer:
+                    watch.timer = timer
+                    if watch.condemned:  # condemned between two reads
+                        timer.reschedule(asyncio.get_running_loop().time())
+                    # Shielded: a timer that fires must leave the call readable, should the worker be alive.
+                    response = await asyncio.shield(watch.pending)
+                watch.pending = None
+                watch.note_message()
+                return response
+            except TimeoutError:
+                if not watch.condemned and await self._answers(watch.address):
+                    self._metrics.stall_false_alarms.inc()
+                    log.info("worker slow but alive; the stream stays", address=watch.address,
+                             silent_for_s=round(watch.silent_for_s(), 2))
+                    continue
+                silent_for_s = watch.silent_for_s()
+                if watch.condemned:  # another stream of this worker stalled first
+                    raise WorkerStreamBroken("another stream on this worker stalled", WORKER_STALLED,
+                                             silent_for_s) from None
+                num_condemned = self._watches.condemn_worker(watch.address, watch)
+                raise WorkerStreamBroken(
+                    f"no token for {silent_for_s:.1f} s and no answer to a health check; {num_condemned} other "
+                    "streams on the worker move too", STALLED, silent_for_s) from None
+            finally:
+                watch.timer = None
+
+    async def _answers(self, address: str) -> bool:
+        """Whether the worker answers a health check SERVING; one check per worker at a time."""
+        probe = self._probes.get(address)
+        if probe is None:
+            probe = asyncio.ensure_future(self._check(address))
+            self._probes[address] = probe
+            probe.add_done_callback(lambda _: self._probes.pop(address, None))
+        return await asyncio.shield(probe)
+
+    async def _check(self, address: str) -> bool:
+        try:
+            reply = await health_pb2_grpc.HealthStub(self._channel_for(address)).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=self._confirm_timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 class FailureReporter:

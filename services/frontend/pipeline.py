@@ -14,12 +14,17 @@ from typing import Any
 
 import grpc
 import structlog
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from services.frontend import failure_detection as failures
 from services.frontend.admission import WORKERS_FULL, Admission
-from services.frontend.failure_detection import FailoverMetrics, FailureReporter, StreamWatch, StreamWatches
+from services.frontend.failure_detection import (
+    FailoverMetrics,
+    FailureReporter,
+    StallDetector,
+    StreamWatches,
+    WorkerStreamBroken,
+)
 from services.frontend.messages import normalise_messages
 from services.frontend.metrics import STATUS_CANCELLED, STATUS_SUCCESS, FrontendMetrics
 from services.frontend.migration import StreamProgress
@@ -58,15 +63,6 @@ class GenerationRequest:
     endpoint: str  # metrics label, e.g. "chat_completions", "completions", "native_generate"
     streaming: bool  # metrics label request_type = "stream" | "unary"
     routing: router_pb2.RoutingOverrides | None = None  # the body's "routing" (extra_body)
-
-
-class _WorkerStreamBroken(Exception):
-    """The worker failed the request in a way another worker can fix: the request migrates."""
-
-    def __init__(self, message: str, kind: str, detected_after_s: float = 0.0) -> None:
-        super().__init__(message)
-        self.kind = kind  # one of failure_detection.KINDS
-        self.detected_after_s = detected_after_s  # silence on the stream before the failure showed
 
 
 class Pipeline:
@@ -109,7 +105,6 @@ class Pipeline:
         self.max_reroutes = max_reroutes  # failures before any token
         self.migration_limit = migration_limit  # failures after tokens were streamed
         self.failover_metrics = FailoverMetrics(self.metrics.registry)
-        self._watches = StreamWatches(stall_timeout_s, first_token_timeout_s)
         self._admission = Admission(
             max_inflight_requests, max_queued_requests, queue_timeout_s,
             on_reject=lambda reason: self.failover_metrics.rejected_overload.labels(model_name, reason).inc(),
@@ -118,8 +113,8 @@ class Pipeline:
         self._router_channel = grpc.aio.insecure_channel(router_address, options=CHANNEL_OPTIONS)
         self._router = router_pb2_grpc.RouterServiceStub(self._router_channel)
         self._reporter = FailureReporter(self._router)
-        self._stall_probes: dict[str, asyncio.Future[bool]] = {}
-        self.stall_confirm_timeout_s = stall_confirm_timeout_s
+        self._stalls = StallDetector(StreamWatches(stall_timeout_s, first_token_timeout_s), self.failover_metrics,
+                                     self._worker_channel, stall_confirm_timeout_s)
         self._worker_channels: dict[str, grpc.aio.Channel] = {}
 
     @classmethod
@@ -239,7 +234,7 @@ class Pipeline:
                 worker_full = exc
                 excluded_worker_ids.append(route.worker_id)
                 continue
-            except _WorkerStreamBroken as exc:
+            except WorkerStreamBroken as exc:
                 self._on_worker_failure(request, route, exc)
                 excluded_worker_ids.append(route.worker_id)
                 if not progress.num_output_tokens:
@@ -261,7 +256,7 @@ class Pipeline:
                     return
 
     def _on_worker_failure(self, request: GenerationRequest, route: router_pb2.RouteResponse,
-                           exc: _WorkerStreamBroken) -> None:
+                           exc: WorkerStreamBroken) -> None:
         self.failover_metrics.detection.labels(exc.kind).observe(exc.detected_after_s)
         self._reporter.report(route.worker_id, route.address, exc.kind, exc.detected_after_s, str(exc))
 
@@ -300,15 +295,15 @@ class Pipeline:
             metadata=_metadata(request), timeout=self.request_timeout_s,
         )
         num_output_tokens = 0
-        watch = self._watches.open(route.address)
+        watch = self._stalls.open(route.address)
         try:
             while True:
-                response = await self._read(call, watch, started=num_output_tokens > 0)
+                response = await self._stalls.read(call, watch, started=num_output_tokens > 0)
                 if response is grpc.aio.EOF:
                     break
                 if response.finish_reason == common_pb2.FINISH_REASON_ERROR:
                     if response.error.code == common_pb2.ERROR_CODE_UNAVAILABLE:
-                        raise _WorkerStreamBroken(f"the worker gave up: {response.error.message}",
+                        raise WorkerStreamBroken(f"the worker gave up: {response.error.message}",
                                                   failures.STREAM_BROKEN, watch.silent_for_s())
                     raise _error_from_detail(response.error)
                 token_ids = list(response.delta.token_ids)
@@ -331,65 +326,10 @@ class Pipeline:
         except grpc.aio.AioRpcError as exc:
             raise _error_from_status(exc, route, self.request_timeout_s, watch.silent_for_s()) from None
         finally:
-            self._watches.close(watch)
-            if watch.pending is not None:
-                watch.pending.cancel()
+            self._stalls.close(watch)
             call.cancel()  # a no-op once finished; otherwise the worker aborts and frees the KV blocks
-        raise _WorkerStreamBroken("the stream ended before the request finished", failures.STREAM_BROKEN,
+        raise WorkerStreamBroken("the stream ended before the request finished", failures.STREAM_BROKEN,
                                   watch.silent_for_s())
-
-    async def _read(self, call: Any, watch: StreamWatch, *, started: bool) -> Any:
-        """The next response, or _WorkerStreamBroken when the stream stays silent past its limit and the
-        worker does not answer a health check either (a slow worker keeps its streams)."""
-        while True:
-            if watch.pending is None:
-                watch.pending = asyncio.ensure_future(call.read())
-            try:
-                async with asyncio.timeout(self._watches.limit_s(started)) as timer:
-                    watch.timer = timer
-                    if watch.condemned:  # condemned between two reads
-                        timer.reschedule(asyncio.get_running_loop().time())
-                    # Shielded: a timer that fires must leave the call readable, should the worker be alive.
-                    response = await asyncio.shield(watch.pending)
-                watch.pending = None
-                watch.note_message()
-                return response
-            except TimeoutError:
-                if watch.condemned:
-                    raise _WorkerStreamBroken("another stream on this worker stalled", failures.WORKER_STALLED,
-                                              watch.silent_for_s()) from None
-                if await self._worker_answers(watch.address):
-                    self.failover_metrics.stall_false_alarms.inc()
-                    log.info("worker slow but alive; the stream stays", address=watch.address,
-                             silent_for_s=round(watch.silent_for_s(), 2))
-                    continue
-                silent_for_s = watch.silent_for_s()
-                if watch.condemned:  # another stream of this worker got the same answer first
-                    raise _WorkerStreamBroken("another stream on this worker stalled", failures.WORKER_STALLED,
-                                              silent_for_s) from None
-                num_condemned = self._watches.condemn_worker(watch.address, watch)
-                raise _WorkerStreamBroken(
-                    f"no token for {silent_for_s:.1f} s and no answer to a health check; {num_condemned} other "
-                    "streams on the worker move too", failures.STALLED, silent_for_s) from None
-            finally:
-                watch.timer = None
-
-    async def _worker_answers(self, address: str) -> bool:
-        """Whether the worker answers a health check SERVING; one check per worker at a time."""
-        probe = self._stall_probes.get(address)
-        if probe is None:
-            probe = asyncio.ensure_future(self._check_health(address))
-            self._stall_probes[address] = probe
-            probe.add_done_callback(lambda _: self._stall_probes.pop(address, None))
-        return await asyncio.shield(probe)
-
-    async def _check_health(self, address: str) -> bool:
-        try:
-            reply = await health_pb2_grpc.HealthStub(self._worker_channel(address)).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=self.stall_confirm_timeout_s)
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     def _worker_channel(self, address: str) -> grpc.aio.Channel:
         channel = self._worker_channels.get(address)
@@ -454,7 +394,7 @@ def _error_from_status(exc: grpc.aio.AioRpcError, route: router_pb2.RouteRespons
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Unavailable(f"the request did not finish within {timeout_s} s")
     if code in _REROUTE_CODES:
-        return _WorkerStreamBroken(f"{code.name}: {details}", _REROUTE_CODES[code], silent_for_s)
+        return WorkerStreamBroken(f"{code.name}: {details}", _REROUTE_CODES[code], silent_for_s)
     return TandemError(f"worker {route.worker_id} failed ({code.name}): {details}")
 
 
