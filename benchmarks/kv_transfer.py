@@ -1,0 +1,264 @@
+"""KV transfer throughput: the real PrefillService in another process, pulled over gRPC and shared memory,
+beside memcpy and a raw TCP socket measured in the same run.
+
+Shapes: the default model (SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64, float32: 45 KiB a
+token) and a 0.5B-class shape (Qwen2.5-0.5B: 24 layers, 2 KV heads, head_dim 64, bfloat16: 12 KiB
+a token). gRPC and shm times include gathering the blocks from the prefill side's paged pool and
+scattering them into the decode side's (as in a real transfer); memcpy and TCP move one contiguous
+buffer. Every figure is the median of --runs timed runs after one warm-up, in GB/s (1e9 bytes).
+Usage: python benchmarks/kv_transfer.py [--tokens 256 2048 8192] [--runs 5] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # services/, when run from anywhere
+from _stats import median, table  # noqa: E402
+
+SHAPES = {
+    "smollm2-135m fp32": (30, 3, 64, "float32"),
+    "qwen2.5-0.5b bf16": (24, 2, 64, "bfloat16"),
+}
+BLOCK_SIZE = 16
+
+
+def _layout(shape: str):  # type: ignore[no-untyped-def]
+    from tandem.engine.types import KVLayout
+
+    layers, heads, dim, dtype = SHAPES[shape]
+    return KVLayout(layers, heads, dim, BLOCK_SIZE, dtype)
+
+
+# -- the prefill side: a real PrefillServicer over a synthetic pool, in its own process ---------------
+
+def _serve(shape: str, num_blocks: int, threads: int, shm_dir: str, ready: mp.Queue,  # type: ignore[type-arg]
+           export_threads: int = 2) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from tandem.kv.transfer.tuning import keep_large_buffers_in_heap
+    from tandem.telemetry.logging import configure_logging
+
+    configure_logging("bench-prefill", level="WARNING")
+    keep_large_buffers_in_heap()
+
+    async def main() -> None:
+        from prometheus_client import CollectorRegistry
+
+        from services.prefill.servicer import SERVICE_NAME, PrefillServicer
+        from tandem.grpc_server import GrpcService
+        from tandem.kv.transfer.export import GrpcChunkExporter, ShmChunkExporter
+        from tandem.kv.transfer.host import host_id
+        from tandem.kv.transfer.metrics import ExportMetrics
+        from tandem.kv.transfer.synthetic import SyntheticPrefillEngine
+        from tandem.proto.kv.v1 import kv_pb2
+
+        engine = SyntheticPrefillEngine(_layout(shape), num_blocks, refill=False)
+        engine.fill(list(range(num_blocks)), seed=1)
+        service = GrpcService("127.0.0.1", 0, [SERVICE_NAME])
+        address = f"127.0.0.1:{service.port}"
+        exporters = {kv_pb2.KV_TRANSPORT_GRPC: GrpcChunkExporter(export_threads),
+                     kv_pb2.KV_TRANSPORT_SHM: ShmChunkExporter(shm_dir, 2 << 30, export_threads)}
+        servicer = PrefillServicer(engine, exporters, ExportMetrics(CollectorRegistry()), lease_s=600,
+                                   address=address, host_id=host_id(shm_dir))
+        servicer.add_to_server(service.server)
+        await service.start()
+        await service.set_serving(True)
+        ready.put(address)
+        await service.server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+# -- baselines ----------------------------------------------------------------------------------------
+
+def memcpy_gbps(num_bytes: int, runs: int) -> float:
+    import torch
+
+    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - started)
+    return num_bytes / median(times) / 1e9
+
+
+def _tcp_sender(port: int, num_bytes: int, runs: int) -> None:
+    buf = bytearray(os.urandom(1 << 20)) * (num_bytes >> 20) + bytearray(num_bytes % (1 << 20))
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        for _ in range(runs + 1):
+            conn.recv(1)
+            conn.sendall(memoryview(buf))
+
+
+def tcp_gbps(num_bytes: int, runs: int) -> float:
+    """One loopback connection into a preallocated buffer (recv_into: the kernel's copies only)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        sender = mp.get_context("spawn").Process(target=_tcp_sender, args=(server.getsockname()[1], num_bytes, runs))
+        sender.start()
+        conn, _ = server.accept()
+        dst = bytearray(num_bytes)
+        view = memoryview(dst)
+        times = []
+        with conn:
+            for run in range(runs + 1):
+                started = time.perf_counter()
+                conn.send(b"x")
+                received = 0
+                while received < num_bytes:
+                    received += conn.recv_into(view[received:], min(num_bytes - received, 4 << 20))
+                if run:  # the first run faults the pages in
+                    times.append(time.perf_counter() - started)
+        sender.join()
+    return num_bytes / median(times) / 1e9
+
+
+# -- the transfer paths ------------------------------------------------------------------------------
+
+async def _pull_gbps(address: str, shape: str, num_tokens: int, runs: int, make_puller: Callable[[], object],
+                     protobuf_client: bool = False) -> float:
+    import grpc
+
+    from tandem.kv.transfer.protocol import TransferHandle
+    from tandem.kv.transfer.synthetic import SyntheticKvPool
+    from tandem.kv.transfer.wire import layout_from_proto
+    from tandem.proto.kv.v1 import kv_pb2, kv_pb2_grpc
+
+    layout = _layout(shape)
+    num_blocks = -(-num_tokens // BLOCK_SIZE)
+    sink_pool = SyntheticKvPool(layout, num_blocks)
+    block_ids = list(range(num_blocks))
+
+    class Sink:
+        def write(self, block_index: int, layer_start: int, data):  # type: ignore[no-untyped-def]
+            sink_pool.write_blocks(block_ids[block_index : block_index + data.shape[2]], layer_start, data)
+
+    puller = make_puller()
+    times = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = kv_pb2_grpc.PrefillServiceStub(channel)
+        for run in range(runs + 1):
+            reply = await stub.Prefill(kv_pb2.PrefillRequest(request_id=f"bench-{run}", prompt_token_ids=[1] * num_tokens))
+            h = reply.handle
+            handle = TransferHandle(h.transfer_id, h.address, layout_from_proto(h.layout), h.num_blocks, h.num_tokens,
+                                    h.lease_ms, h.host_id)
+            started = time.perf_counter()
+            if protobuf_client:
+                await _naive_pull(stub, handle, Sink())
+            else:
+                await puller.pull(handle, 0, Sink(), timeout_s=120)  # type: ignore[attr-defined]
+            if run:
+                times.append(time.perf_counter() - started)
+            await stub.ReleaseKv(kv_pb2.ReleaseKvRequest(transfer_id=handle.transfer_id))
+    await puller.close()  # type: ignore[attr-defined]
+    return num_tokens * layout.bytes_per_block_layer * layout.num_layers / BLOCK_SIZE / median(times) / 1e9
+
+
+async def _naive_pull(stub, handle, sink) -> None:  # type: ignore[no-untyped-def]
+    """The straightforward client, for comparison: one stream, protobuf parsing (a copy of each chunk)."""
+    import zlib
+
+    from tandem.kv.transfer.chunks import plan_chunks, tensor_from_bytes
+    from tandem.proto.kv.v1 import kv_pb2
+
+    plan = {c.sequence_number: c for c in plan_chunks(handle.layout, handle.num_blocks, 0, 2 << 20)}
+    request = kv_pb2.PullKvRequest(transfer_id=handle.transfer_id, max_chunk_bytes=2 << 20,
+                                   transport=kv_pb2.KV_TRANSPORT_GRPC)
+    async for chunk in stub.PullKv(request, timeout=120):
+        if zlib.crc32(chunk.data) != chunk.checksum:
+            raise RuntimeError("corrupt chunk")
+        spec = plan[chunk.sequence_number]
+        sink.write(spec.block_start, spec.layer_start, tensor_from_bytes(chunk.data, handle.layout, spec))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 2048, 8192])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each process (workers use 1 here)")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4], help="parallel PullKv streams to try")
+    parser.add_argument("--chunk-kib", type=int, default=2048, help="chunk bound of the gRPC path")
+    parser.add_argument("--shm-chunk-kib", type=int, default=3072, help="chunk bound of the shm path")
+    parser.add_argument("--export-threads", type=int, default=2, help="prefill side: threads preparing chunks")
+    parser.add_argument("--copy-threads", type=int, default=2, help="decode side: threads landing chunks")
+    parser.add_argument("--shm-dir", default="/dev/shm")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller, ShmKvPuller
+    from tandem.kv.transfer.settings import PullSettings
+    from tandem.kv.transfer.shm import SegmentReader
+    from tandem.kv.transfer.tuning import keep_large_buffers_in_heap
+    from tandem.telemetry.logging import configure_logging
+
+    configure_logging("bench", level="WARNING")
+    keep_large_buffers_in_heap()
+    chunk = args.chunk_kib * 1024
+    print(f"{os.cpu_count()} CPUs, torch threads {args.threads} per process, {args.runs} runs (median), "
+          f"chunk bound {args.chunk_kib} KiB (shm {args.shm_chunk_kib} KiB), {args.export_threads} export and "
+          f"{args.copy_threads} copy threads", flush=True)
+    rows = []
+    for shape in args.shapes:
+        layout = _layout(shape)
+        num_blocks = -(-max(args.tokens) // BLOCK_SIZE) + 8
+        context = mp.get_context("spawn")
+        ready: mp.Queue = context.Queue()  # type: ignore[type-arg]
+        server = context.Process(target=_serve, args=(shape, num_blocks, args.threads, args.shm_dir, ready,
+                                                      args.export_threads), daemon=True)
+        server.start()
+        address = ready.get(timeout=120)
+        try:
+            for num_tokens in args.tokens:
+                num_bytes = num_tokens * layout.num_layers * layout.bytes_per_block_layer // BLOCK_SIZE
+                memcpy = memcpy_gbps(num_bytes, args.runs)
+                tcp = tcp_gbps(num_bytes, args.runs)
+
+                def grpc_puller(streams: int) -> Callable[[], object]:
+                    settings = PullSettings(max_chunk_bytes=chunk, num_streams=streams,
+                                            num_copy_threads=args.copy_threads)
+                    return lambda: GrpcKvPuller(settings, ChannelPool(streams))
+
+                def shm_puller(verify: bool) -> Callable[[], object]:
+                    settings = PullSettings(max_chunk_bytes=args.shm_chunk_kib * 1024, num_streams=1,
+                                            verify_shm_checksums=verify, num_copy_threads=args.copy_threads)
+                    return lambda: ShmKvPuller(settings, ChannelPool(1), SegmentReader(args.shm_dir))
+
+                naive = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, grpc_puller(1), True))
+                by_streams = {s: asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, grpc_puller(s)))
+                              for s in args.streams}
+                best_streams = max(by_streams, key=by_streams.__getitem__)
+                shm = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, shm_puller(False)))
+                shm_crc = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, shm_puller(True)))
+                best = by_streams[best_streams]
+                rows.append([shape, num_tokens, round(num_bytes / 1e6, 1), memcpy, tcp, naive,
+                             *(by_streams[s] for s in args.streams), f"{best / tcp:.0%}", shm, shm_crc,
+                             f"{shm / memcpy:.0%}"])
+                print(f"  {shape} {num_tokens} tokens done", flush=True)
+        finally:
+            server.kill()
+    headers = ["shape", "tokens", "MB", "memcpy", "tcp", "grpc naive",
+               *(f"grpc x{s}" for s in args.streams), "best grpc/tcp", "shm", "shm+crc", "shm/memcpy"]
+    print()
+    print(table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()
