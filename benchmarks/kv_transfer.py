@@ -60,6 +60,7 @@ def _serve(shape: str, num_blocks: int, threads: int, shm_dir: str, ready: mp.Qu
         from tandem.kv.transfer.export import GrpcChunkExporter, ShmChunkExporter
         from tandem.kv.transfer.host import host_id
         from tandem.kv.transfer.metrics import ExportMetrics
+        from tandem.kv.transfer.protocol import ChunkExporter
         from tandem.kv.transfer.synthetic import SyntheticPrefillEngine
         from tandem.proto.kv.v1 import kv_pb2
 
@@ -67,7 +68,7 @@ def _serve(shape: str, num_blocks: int, threads: int, shm_dir: str, ready: mp.Qu
         engine.fill(list(range(num_blocks)), seed=1)
         service = GrpcService("127.0.0.1", 0, [SERVICE_NAME])
         address = f"127.0.0.1:{service.port}"
-        exporters = {kv_pb2.KV_TRANSPORT_GRPC: GrpcChunkExporter(export_threads),
+        exporters: dict[int, ChunkExporter] = {kv_pb2.KV_TRANSPORT_GRPC: GrpcChunkExporter(export_threads),
                      kv_pb2.KV_TRANSPORT_SHM: ShmChunkExporter(shm_dir, 2 << 30, export_threads)}
         servicer = PrefillServicer(engine, exporters, ExportMetrics(CollectorRegistry()), lease_s=600,
                                    address=address, host_id=host_id(shm_dir))

@@ -26,7 +26,7 @@ log = structlog.get_logger("prefill")
 
 SERVICE_NAME = kv_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
 _FINISH = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH}
-_TRANSPORT_NAMES = {kv_pb2.KV_TRANSPORT_GRPC: "grpc", kv_pb2.KV_TRANSPORT_SHM: "shm"}
+_TRANSPORT_NAMES: dict[int, str] = {kv_pb2.KV_TRANSPORT_GRPC: "grpc", kv_pb2.KV_TRANSPORT_SHM: "shm"}
 
 
 class PrefillServicer:
@@ -151,12 +151,14 @@ class PrefillServicer:
         if lease is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"transfer_id: {request.transfer_id!r} is not leased "
                                 "here (released, or its lease expired)")
+            return  # abort raises; this tells the type checker
         bind_request_id(lease.request_id)
         exporter = self.exporters.get(request.transport)
         if exporter is None:
             served = ", ".join(_TRANSPORT_NAMES[t] for t in self.exporters)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"transport: this prefill worker serves {served}")
+            return
         if not 0 < request.max_chunk_bytes <= MAX_CHUNK_BYTES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"max_chunk_bytes: must be in (0, {MAX_CHUNK_BYTES}], got {request.max_chunk_bytes}")
@@ -180,7 +182,7 @@ class PrefillServicer:
                     yield message
             finally:
                 # Now, not when garbage-collected: copies still running must end while the lease is busy.
-                await messages.aclose()  # type: ignore[attr-defined]
+                await messages.aclose()  # type: ignore[attr-defined,union-attr]
             self._metrics.bytes_sent.labels(transport=transport).inc(sum(c.num_bytes for c in plan))
             self._metrics.chunks_sent.labels(transport=transport).inc(len(plan))
 

@@ -27,8 +27,10 @@ def gather_blocks(k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
     shape = (layer_count, 2, len(block_ids), block_size, kv_heads, head_dim)
     flat_shape = (layer_count, 2, len(block_ids), block_size * kv_heads * head_dim)
     on_device = out is not None and out.device == k_cache.device and out.dtype == k_cache.dtype
-    target = out.view(flat_shape) if on_device else torch.empty(flat_shape, dtype=k_cache.dtype,
-                                                                 device=k_cache.device)
+    if out is not None and on_device:
+        target = out.view(flat_shape)
+    else:
+        target = torch.empty(flat_shape, dtype=k_cache.dtype, device=k_cache.device)
     index = torch.tensor(block_ids, dtype=torch.long, device=k_cache.device)
     layers = slice(layer_start, layer_start + layer_count)
     torch.index_select(_blocks_view(k_cache, block_size)[layers], 1, index, out=target[:, 0])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -42,7 +42,7 @@ class _ThreadedExporter:
         self._executor: ThreadPoolExecutor | None = None
 
     async def _in_order(self, plan: Sequence[ChunkSpec], prepare: Callable[[ChunkSpec], bytes]
-                        ) -> AsyncIterator[bytes]:
+                        ) -> AsyncGenerator[bytes, None]:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="kv-export")
         loop = asyncio.get_running_loop()
@@ -55,9 +55,9 @@ class _ThreadedExporter:
                     break
             while pending:
                 message = await pending.popleft()
-                chunk = next(upcoming, None)
-                if chunk is not None:
-                    pending.append(loop.run_in_executor(self._executor, prepare, chunk))
+                following = next(upcoming, None)
+                if following is not None:
+                    pending.append(loop.run_in_executor(self._executor, prepare, following))
                 yield message
         finally:
             for future in pending:  # the caller went away: let the started copies finish, unread

@@ -9,6 +9,7 @@ number of times, before the transfer's deadline.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -176,8 +177,8 @@ class _StreamingPuller:
                                               sink)
                 landing.add(future)
                 future.add_done_callback(landing.discard)
-                future.add_done_callback(
-                    lambda done, chunk=chunk: self._landed(done, handle, chunk, remaining, result))
+                future.add_done_callback(functools.partial(self._landed, handle=handle, chunk=chunk,
+                                                           remaining=remaining, result=result))
         finally:
             call.cancel()  # a no-op when it finished; frees the server side otherwise
             # Never return (or raise) while a copy into the reservation is still running: the caller
