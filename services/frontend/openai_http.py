@@ -29,6 +29,9 @@ REQUEST_ID = web.RequestKey("request_id", str)
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a full-context token-id prompt as JSON is well below this
 
 
+RETRY_AFTER_S = web.AppKey("retry_after_s", int)
+
+
 def request_id_for(header_value: str | None) -> str:
     """The client's x-request-id when it is safe to forward as gRPC metadata, else a fresh one."""
     if header_value and is_valid_request_id(header_value):
@@ -50,7 +53,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         try:
             response = await handler(request)
         except TandemError as exc:
-            response = json_error(responses.error_response(exc))
+            response = json_error(responses.error_response(exc, request.app.get(RETRY_AFTER_S, 1)))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -77,6 +80,7 @@ class OpenAIHttpApi:
         self.created = int(time.time())
 
     def add_routes(self, app: web.Application) -> None:
+        app[RETRY_AFTER_S] = self.retry_after_s  # read by the error middleware
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
