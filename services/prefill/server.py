@@ -22,6 +22,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.factory import create_engine
 from tandem.engine.types import StepInfo
 from tandem.grpc_server import GrpcService
+from tandem.kv.events import KvEventSource
 from tandem.kv.transfer.export import GrpcChunkExporter, ShmChunkExporter
 from tandem.kv.transfer.host import host_id
 from tandem.kv.transfer.metrics import ExportMetrics
@@ -145,11 +146,15 @@ async def serve(config: PrefillConfig, *, engine_factory: EngineFactory = create
     worker_id = config.worker_id or f"prefill-{config.advertise_host}-{grpc_service.port}"
     registration = None
     if config.router_address:
+        # Prefill workers publish KV events too, so the router can send a prompt to the one that
+        # already holds its prefix.
+        kv_source = prefill_engine if isinstance(prefill_engine, KvEventSource) else None
         info = router_pb2.WorkerInfo(
             worker_id=worker_id, role=router_pb2.WORKER_ROLE_PREFILL, address=address,
-            model=prefill_engine.model_name, max_model_len=prefill_engine.max_model_len, block_size=config.block_size)
+            model=prefill_engine.model_name, max_model_len=prefill_engine.max_model_len, block_size=config.block_size,
+            publishes_kv_events=kv_source is not None)
         registration = RouterRegistration(config.router_address, info,
-                                          lambda: load_from_stats(prefill_engine.stats()))
+                                          lambda: load_from_stats(prefill_engine.stats()), kv_source=kv_source)
     worker = PrefillWorker(
         config=config, worker_id=worker_id, port=grpc_service.port, address=address,
         metrics_port=metrics_server.server_address[1] if metrics_server else None, engine=prefill_engine,

@@ -34,6 +34,8 @@ from tandem.proto.worker.v1 import worker_pb2
 DECISIONS = ("remote", "local_short_prompt", "local_no_prefill_worker")
 # (context, decode worker) -> prompt tokens that worker is believed to cache already.
 CachedTokens = Callable[[RouteContext, WorkerSnapshot], int]
+# A full prefix hit outweighs a load difference of the whole range (both scores are in [0, 1]).
+PREFIX_WEIGHT = 2.0
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,6 +61,26 @@ def index_cached_tokens(index: KvIndex) -> CachedTokens:
         return index.overlaps(blocks, [worker.worker_id]).get(worker.worker_id, 0) * block_size
 
     return cached_tokens
+
+
+class CachedPrefixScorer:
+    """Scores prefill workers by the prompt prefix they already hold: most cached tokens 1, fewest 0.
+
+    A prefill worker with the tenant's system prompt in its pool computes only the rest, so
+    among prefill workers with room the one holding the longest prefix usually finishes first.
+    """
+
+    name = "cached-prefix"
+
+    def __init__(self, cached_tokens: CachedTokens) -> None:
+        self._cached_tokens = cached_tokens
+
+    def score(self, context: RouteContext, workers: Sequence[WorkerSnapshot]) -> dict[str, float]:
+        cached = {worker.worker_id: self._cached_tokens(context, worker) for worker in workers}
+        highest = max(cached.values(), default=0)
+        if highest == 0:
+            return dict.fromkeys(cached, 1.0)
+        return {worker_id: tokens / highest for worker_id, tokens in cached.items()}
 
 
 class QueueRoomFilter:
@@ -87,9 +109,12 @@ class PrefillSelector:
         self.settings = settings
         self._metrics = metrics
         self._cached_tokens = cached_tokens
+        scorers = [WeightedScorer(LeastLoadedScorer(), 1.0)]
+        if cached_tokens is not None:  # prefill workers publish KV events too: prefer their cached prefix
+            scorers.append(WeightedScorer(CachedPrefixScorer(cached_tokens), PREFIX_WEIGHT))
         self._policy = RoutingPolicy(
-            "prefill-least-loaded", [RoleFilter(), ModelFilter(), ExcludeFilter(), QueueRoomFilter()],
-            [WeightedScorer(LeastLoadedScorer(), 1.0)], MaxScorePicker(rng))
+            "prefill-kv" if cached_tokens is not None else "prefill-least-loaded",
+            [RoleFilter(), ModelFilter(), ExcludeFilter(), QueueRoomFilter()], scorers, MaxScorePicker(rng))
 
     def select(self, context: RouteContext, decode_worker: WorkerSnapshot,
                workers: Sequence[WorkerSnapshot]) -> worker_pb2.PrefillHint | None:

@@ -78,3 +78,30 @@ def test_router_flags() -> None:
     assert parse_args([], {"TANDEM_REMOTE_PREFILL_THRESHOLD": "2048"}).remote_prefill_threshold == 2048
     with pytest.raises(SystemExit):
         parse_args(["--remote-prefill-threshold", "-1"], {})
+
+
+def test_prefill_workers_are_scored_by_the_prefix_they_already_hold() -> None:
+    """Issue 4, disaggregated mode: a prefill worker holding the prompt's prefix (per its KV
+    events in the router's index) wins over a less loaded one that would prefill it all."""
+    from services.router.disagg import index_cached_tokens
+    from services.router.kv_index import KvIndex
+    from tandem.kv.hashing import hash_blocks
+
+    prompt = list(range(1000, 1640))  # 40 blocks of 16
+    index = KvIndex()
+    for worker_id in ("p0", "p1"):
+        index.add_worker(worker_id)
+    index.store("p0", hash_blocks(prompt[:576], 16))  # p0 holds the first 36 blocks
+    chooser = PrefillSelector(DisaggSettings(100), DisaggMetrics(CollectorRegistry()),
+                              cached_tokens=index_cached_tokens(index), rng=random.Random(0))
+    busy_with_cache = WorkerSnapshot(WorkerInfo("p0", WorkerRole.PREFILL, "p0:1", "m", block_size=16),
+                                     WorkerLoad(num_running=3, num_free_queue_slots=8))
+    idle_without = WorkerSnapshot(WorkerInfo("p1", WorkerRole.PREFILL, "p1:1", "m", block_size=16),
+                                  WorkerLoad(num_running=0, num_free_queue_slots=8))
+    request = RouteContext("r", model="m", token_ids=prompt)
+    # the decode worker holds none of it, so the prompt qualifies for a remote prefill
+    hint = chooser.select(request, DECODE, [DECODE, busy_with_cache, idle_without])
+    assert hint is not None and hint.worker_id == "p0"
+    other = RouteContext("r2", model="m", token_ids=list(range(5000, 5640)))  # nobody holds this one
+    hint = chooser.select(other, DECODE, [DECODE, busy_with_cache, idle_without])
+    assert hint is not None and hint.worker_id == "p1"
