@@ -11,24 +11,20 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import structlog
-import torch
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from tandem.engine.hf.block_manager import BlockManager
+from tandem.engine.hf.disagg import DisaggregationMixin, TokenUpdate
 from tandem.engine.hf.sequence import Sequence
 from tandem.engine.types import (
     EngineRequest,
     EngineStats,
     FinishReason,
-    KVLayout,
-    KVReservation,
-    PrefillResult,
     RequestOutput,
     StepInfo,
 )
@@ -37,17 +33,6 @@ from tandem.kv.events import KvEventLog, KvSnapshot, KvSubscription
 from tandem.models import served_model_name
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(slots=True)
-class _Update:
-    """New tokens of one request from one step (token ids only; text is made on the loop)."""
-
-    token_ids: list[int]
-    finish_reason: FinishReason | None
-    num_cached_tokens: int
-    error: str | None = None
-    pinned_block_ids: list[int] = field(default_factory=list)  # prefill role only
 
 
 _SHUTDOWN = object()
@@ -62,7 +47,7 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_result(result)
 
 
-class HFEngine:
+class HFEngine(DisaggregationMixin):
     """PyTorch + transformers engine with continuous batching and a paged, prefix-caching KV pool."""
 
     def __init__(self, config: EngineConfig, on_step: Callable[[StepInfo], None] | None = None) -> None:
@@ -71,7 +56,7 @@ class HFEngine:
         self.max_model_len = config.max_model_len or 0
         self._on_step = on_step
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue[_Update]] = {}
+        self._streams: dict[str, asyncio.Queue[TokenUpdate]] = {}
         self._reserved: dict[str, Sequence] = {}  # KV reservations not yet continued
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,8 +140,8 @@ class HFEngine:
         return Sequence(request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids),
                         request.sampling, max_total, arrival_s=time.monotonic(), pin_on_finish=pin)
 
-    def _open(self, request_id: str) -> asyncio.Queue[_Update]:
-        updates: asyncio.Queue[_Update] = asyncio.Queue()
+    def _open(self, request_id: str) -> asyncio.Queue[TokenUpdate]:
+        updates: asyncio.Queue[TokenUpdate] = asyncio.Queue()
         self._streams[request_id] = updates
         return updates
 
@@ -169,8 +154,8 @@ class HFEngine:
         async for out in self._relay(request, updates, []):
             yield out
 
-    async def _relay(self, request: EngineRequest, updates: asyncio.Queue[_Update],
-                     preset: list[_Update]) -> AsyncGenerator[RequestOutput, None]:
+    async def _relay(self, request: EngineRequest, updates: asyncio.Queue[TokenUpdate],
+                     preset: list[TokenUpdate]) -> AsyncGenerator[RequestOutput, None]:
         """Turn a request's token updates into text deltas; abort it if the consumer leaves early.
 
         ``preset`` updates (a first token made elsewhere) are emitted before the engine's own.
@@ -209,128 +194,6 @@ class HFEngine:
             if not finished:  # the consumer went away: free the request's blocks
                 self._commands.put(("abort", rid))
 
-    # -- disaggregation: prefill here, decode elsewhere --------------------------------------------
-
-    def kv_layout(self) -> KVLayout:
-        r = self.runner
-        return KVLayout(r.num_layers, r.num_kv_heads, r.head_dim, r.block_size, self.config.dtype)
-
-    async def prefill(self, request: EngineRequest) -> PrefillResult:
-        """Run the prompt and sample its first token; keep its blocks pinned for ``read_kv``.
-
-        The caller must ``release_kv`` the request (after the export, or when its lease ends).
-        Nothing is pinned when the first token already finishes the request.
-        """
-        seq = self._new_sequence(request, pin=True)
-        updates = self._open(seq.request_id)
-        self._commands.put(seq)
-        try:
-            update = await updates.get()
-        except BaseException:
-            self._commands.put(("abort", seq.request_id))
-            self._commands.put(("release", seq.request_id))
-            raise
-        finally:
-            self._streams.pop(seq.request_id, None)
-        if update.finish_reason in (FinishReason.ABORT, FinishReason.ERROR):
-            raise RuntimeError(update.error or "prefill aborted")
-        reason: FinishReason | None = None if update.finish_reason is FinishReason.LENGTH else update.finish_reason
-        if request.sampling.max_tokens == 1:
-            reason = FinishReason.LENGTH
-        return PrefillResult(seq.request_id, update.token_ids[-1], reason, seq.num_prompt_tokens,
-                             update.num_cached_tokens, update.pinned_block_ids)
-
-    def read_kv(self, block_ids: list[int], layer_start: int, layer_count: int,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-        """A copy of K and V of ``block_ids`` for layers [start, start+count): [L, 2, B, bs, kvh, d].
-
-        ``out`` (that shape, e.g. a shared-memory view) receives the copy when given. Safe from
-        the event loop: pinned blocks are never written by the step thread.
-        """
-        return self.runner.read_blocks(block_ids, layer_start, layer_count, out)
-
-    async def release_kv(self, request_id: str) -> None:
-        """Unpin a prefilled request's blocks (after export, on lease expiry or cancellation)."""
-        self._commands.put(("release", request_id))
-
-    async def reserve_kv(self, request: EngineRequest) -> KVReservation | None:
-        """Hold blocks for a prompt whose KV will be imported; None when the pool is full."""
-        seq = self._new_sequence(request)
-        ok = await self._call(lambda: self.scheduler.reserve(seq))
-        if not ok:
-            return None
-        self._reserved[seq.request_id] = seq
-        return KVReservation(seq.request_id, list(seq.block_table), seq.num_cached_tokens,
-                             self.block_manager.block_size)
-
-    async def cancel_reservation(self, reservation: KVReservation) -> None:
-        """Free a reservation that will not be continued (the caller decided to prefill locally)."""
-        seq = self._reserved.pop(reservation.request_id, None)
-        if seq is not None:
-            await self._call(lambda: self.scheduler.cancel_reservation(seq))
-
-    def write_kv(self, reservation: KVReservation, block_index: int, layer_start: int,
-                 data: torch.Tensor) -> None:
-        """Copy imported K/V ([L, 2, B, bs, kvh, d]) into reserved blocks starting at ``block_index``."""
-        blocks = reservation.block_ids[block_index : block_index + data.shape[2]]
-        self.runner.write_blocks(blocks, layer_start, data)
-
-    async def generate_imported(self, request: EngineRequest, reservation: KVReservation | None,
-                                first_token_id: int,
-                                load_kv: Callable[[KVReservation], Awaitable[None]] | None
-                                ) -> AsyncIterator[RequestOutput]:
-        """Continue a request prefilled elsewhere: emit its first token at once, then import and decode.
-
-        ``load_kv`` fills the reservation's missing blocks; if it fails (or there is no
-        reservation) the prompt is prefilled here instead, with the same first token, so the
-        output does not change.
-        """
-        rid = request.request_id
-        seq = self._reserved.pop(rid, None) if reservation is not None else None
-        if seq is None:
-            seq = self._new_sequence(request)
-        updates = self._open(rid)
-        seq.token_ids.append(first_token_id)
-        first_reason = self._first_token_stop(seq, first_token_id)
-        preset = [_Update([first_token_id], first_reason, seq.num_cached_tokens)]
-        relay = self._relay(request, updates, preset)
-        submitted = False
-        try:
-            yield await relay.__anext__()
-            if first_reason is not None:
-                return
-            imported = False
-            if seq.block_table and load_kv is not None and reservation is not None:
-                try:
-                    await load_kv(reservation)
-                    imported = True
-                except Exception as exc:  # fall back to a local prefill; the client sees no error
-                    log.warning("KV import failed; prefilling locally", request_id=rid, error=str(exc))
-            if imported:
-                seq.num_computed_tokens = seq.num_prompt_tokens
-            else:
-                if seq.block_table:
-                    await self._call(lambda: self.scheduler.cancel_reservation(seq))
-                seq.num_computed_tokens = 0
-                seq.num_cached_tokens = 0
-            self._commands.put(seq)
-            submitted = True
-            async for out in relay:
-                yield out
-        finally:
-            await relay.aclose()
-            if not submitted and seq.block_table:  # never reached the scheduler: free the reservation
-                self._commands.put(("cancel-reservation", seq))
-
-    def _first_token_stop(self, seq: Sequence, token: int) -> FinishReason | None:
-        if not seq.sampling.ignore_eos and token in self.scheduler.eos_token_ids:
-            return FinishReason.STOP
-        if token in seq.sampling.stop_token_ids:
-            return FinishReason.STOP
-        if seq.num_tokens >= seq.max_total_tokens:
-            return FinishReason.LENGTH
-        return None
-
     async def _call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the step thread (which owns the scheduler and pool) and await its result."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -366,17 +229,17 @@ class HFEngine:
 
     # -- the step thread -----------------------------------------------------------------------
 
-    def _emit(self, updates: dict[str, _Update]) -> None:
+    def _emit(self, updates: dict[str, TokenUpdate]) -> None:
         if updates and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._deliver, updates)
 
-    def _deliver(self, updates: dict[str, _Update]) -> None:
+    def _deliver(self, updates: dict[str, TokenUpdate]) -> None:
         for rid, update in updates.items():
             stream = self._streams.get(rid)
             if stream is not None:
                 stream.put_nowait(update)
 
-    def _apply(self, command: object, updates: dict[str, _Update]) -> bool:
+    def _apply(self, command: object, updates: dict[str, TokenUpdate]) -> bool:
         """Apply one queued command; False on shutdown."""
         if command is _SHUTDOWN:
             return False
@@ -385,7 +248,7 @@ class HFEngine:
         elif isinstance(command, tuple) and command[0] == "abort":
             seq = self.scheduler.abort(command[1])
             if seq is not None:
-                updates[seq.request_id] = _Update([], FinishReason.ABORT, seq.num_cached_tokens)
+                updates[seq.request_id] = TokenUpdate([], FinishReason.ABORT, seq.num_cached_tokens)
         elif isinstance(command, tuple) and command[0] == "release":
             self.scheduler.release_pinned(command[1])
         elif isinstance(command, tuple) and command[0] == "cancel-reservation":
@@ -403,7 +266,7 @@ class HFEngine:
     def _run(self) -> None:
         try:
             while True:
-                updates: dict[str, _Update] = {}
+                updates: dict[str, TokenUpdate] = {}
                 block = not self.scheduler.has_work()
                 while True:
                     try:
@@ -422,7 +285,7 @@ class HFEngine:
             log.exception("engine step failed; failing in-flight requests")
             self._abort_all(FinishReason.ERROR, f"engine failure: {exc}")
 
-    def _step(self, updates: dict[str, _Update]) -> None:
+    def _step(self, updates: dict[str, TokenUpdate]) -> None:
         started = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled:
@@ -433,7 +296,7 @@ class HFEngine:
                                      [i.seq.num_tokens for i in sampling])
         for seq in self.scheduler.postprocess(scheduled, tokens):
             pinned = list(seq.block_table) if seq.request_id in self.scheduler.pinned else []
-            updates[seq.request_id] = _Update([seq.token_ids[-1]], seq.finish_reason, seq.num_cached_tokens,
+            updates[seq.request_id] = TokenUpdate([seq.token_ids[-1]], seq.finish_reason, seq.num_cached_tokens,
                                               pinned_block_ids=pinned)
         if self._on_step is not None:
             num_tokens = sum(i.num_new_tokens for i in scheduled)
@@ -441,8 +304,8 @@ class HFEngine:
             self._on_step(StepInfo(len(scheduled), num_tokens, prefill, time.perf_counter() - started))
 
     def _abort_all(self, reason: FinishReason, error: str | None) -> None:
-        updates: dict[str, _Update] = {}
+        updates: dict[str, TokenUpdate] = {}
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self.scheduler.abort(seq.request_id)
-            updates[seq.request_id] = _Update([], reason, seq.num_cached_tokens, error)
+            updates[seq.request_id] = TokenUpdate([], reason, seq.num_cached_tokens, error)
         self._emit(updates)
