@@ -1,0 +1,47 @@
+"""Prefill and decode worker settings for disaggregation: flags, environment, errors naming the setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.decode.config import DecodeConfig
+from services.decode.config import parse_args as parse_decode
+from services.prefill.config import PrefillConfig
+from services.prefill.config import parse_args as parse_prefill
+
+pytestmark = pytest.mark.unit
+
+
+def test_prefill_flags_and_environment() -> None:
+    config = parse_prefill(["--kv-lease-s", "2.5", "--port", "0", "--kv-transport", "grpc"], {"TANDEM_SHM_DIR": "/tmp"})
+    assert (config.kv_lease_s, config.port, config.kv_transport, config.shm_dir) == (2.5, 0, "grpc", "/tmp")
+    assert not config.serves_shm and PrefillConfig().serves_shm
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"kv_lease_s": 0}, "invalid prefill setting kv_lease_s"),
+    ({"kv_transport": "shm"}, "invalid prefill setting kv_transport"),
+    ({"shm_pool_bytes": -1}, "invalid prefill setting shm_pool_bytes"),
+    ({"port": 70000}, "invalid prefill setting port"),
+])
+def test_prefill_errors_name_the_setting(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PrefillConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_pulling_flags_are_the_decode_workers_only() -> None:
+    with pytest.raises(SystemExit):
+        parse_prefill(["--kv-streams", "4"], {})
+    config = parse_decode(["--kv-streams", "4", "--kv-transport", "shm", "--kv-chunk-bytes", "1048576"], {})
+    settings = config.pull_settings()
+    assert (settings.num_streams, settings.max_chunk_bytes, config.kv_transport) == (4, 1 << 20, "shm")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"kv_transport": "rdma"}, "invalid decode setting kv_transport"),
+    ({"kv_transfer_timeout_s": 0}, "invalid decode setting kv_transfer_timeout_s"),
+    ({"kv_chunk_bytes": 8 << 20}, "invalid KV transfer setting max_chunk_bytes"),
+])
+def test_decode_errors_name_the_setting(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DecodeConfig(**kwargs)  # type: ignore[arg-type]
