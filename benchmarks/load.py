@@ -57,8 +57,8 @@ async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max
                     chunk = json.loads(line[6:])
                     if chunk.get("usage"):
                         result.output_tokens += chunk["usage"]["completion_tokens"]
-                    if not chunk.get("choices"):
-                        continue
+                    if not chunk.get("choices") or not chunk["choices"][0].get("text"):
+                        continue  # usage or finish-only chunks carry no token text
                     now = time.perf_counter()
                     if last is None:
                         result.ttft_s.append(now - start)
@@ -89,14 +89,16 @@ async def run_engine(engine, texts: list[str], concurrency: int, max_tokens: int
             start = time.perf_counter()
             last = None
             async for out in engine.generate(request):
+                if out.finished:
+                    result.output_tokens += out.num_output_tokens
+                if not out.text:  # the frontend sends no chunk for a token without text (EOS): time alike
+                    continue
                 now = time.perf_counter()
                 if last is None:
                     result.ttft_s.append(now - start)
                 else:
                     result.itl_s.append(now - last)
                 last = now
-                if out.finished:
-                    result.output_tokens += out.num_output_tokens
             result.requests += 1
 
     started = time.perf_counter()
