@@ -8,6 +8,7 @@ number of times, before the transfer's deadline.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import functools
 import time
@@ -66,7 +67,7 @@ class ChannelPool:
         self._channels.clear()
 
 
-class _StreamingPuller:
+class _StreamingPuller(abc.ABC):
     """Plan, spread over streams, verify, write, retry. Subclasses say where a chunk's bytes are."""
 
     name = ""
@@ -84,8 +85,9 @@ class _StreamingPuller:
     def _skip_checksum(self) -> bool:
         return False
 
+    @abc.abstractmethod
     def _payload(self, header: kv_pb2.KvChunk, data: memoryview) -> memoryview:
-        raise NotImplementedError
+        """The chunk's bytes: inline in the message (gRPC) or in a shared-memory segment."""
 
     async def pull(self, handle: TransferHandle, first_block: int, sink: KvSink, *, timeout_s: float) -> PullResult:
         loop = asyncio.get_running_loop()
