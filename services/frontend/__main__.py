@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 
 import structlog
 
 from services.frontend.server import FrontendConfig, serve
+from tandem.lifecycle import serve_until_signal
 from tandem.telemetry.logging import configure_logging
 
 
@@ -73,14 +73,8 @@ def parse_args(argv: list[str] | None = None) -> FrontendConfig:
 
 
 async def run(config: FrontendConfig) -> None:
-    frontend = await serve(config)
-    stop_requested = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
-    await stop_requested.wait()
-    structlog.get_logger(__name__).info("signal received; draining")
-    await frontend.stop()
+    await serve_until_signal(lambda: serve(config),
+                             on_signal=lambda: structlog.get_logger(__name__).info("signal received; draining"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 
 from services.router.config import RouterConfig, parse_args
 from services.router.server import serve
+from tandem.lifecycle import serve_until_signal
 from tandem.telemetry.logging import configure_logging
 
 
 async def run(config: RouterConfig) -> None:
-    router = await serve(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await router.stop()
+    await serve_until_signal(lambda: serve(config))
 
 
 def main() -> None:
