@@ -141,7 +141,7 @@ class DisaggregationMixin:
             seq = self._new_sequence(request)
         updates = self._open(rid)
         seq.token_ids.append(first_token_id)
-        first_reason = self._first_token_stop(seq, first_token_id)
+        first_reason = self.scheduler.stop_reason(seq, first_token_id)
         preset = [TokenUpdate([first_token_id], first_reason, seq.num_cached_tokens)]
         relay = self._relay(request, updates, preset)
         submitted = False
@@ -171,12 +171,3 @@ class DisaggregationMixin:
             await relay.aclose()
             if not submitted and seq.block_table:  # never reached the scheduler: free the reservation
                 self._commands.put(("cancel-reservation", seq))
-
-    def _first_token_stop(self, seq: Sequence, token: int) -> FinishReason | None:
-        if not seq.sampling.ignore_eos and token in self.scheduler.eos_token_ids:
-            return FinishReason.STOP
-        if token in seq.sampling.stop_token_ids:
-            return FinishReason.STOP
-        if seq.num_tokens >= seq.max_total_tokens:
-            return FinishReason.LENGTH
-        return None

@@ -197,13 +197,14 @@ class Scheduler:
             token = next(tokens)
             seq.token_ids.append(token)
             updated.append(seq)
-            reason = self._stop_reason(seq, token)
+            reason = self.stop_reason(seq, token)
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)
         return updated
 
-    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+    def stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Whether ``token``, just appended to ``seq``, ends it (also used for a first token made elsewhere)."""
         if not seq.sampling.ignore_eos and token in self.eos_token_ids:
             return FinishReason.STOP
         if token in seq.sampling.stop_token_ids:
