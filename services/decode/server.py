@@ -28,6 +28,7 @@ from tandem.kv.events import KvEventSource
 from tandem.kv.transfer.metrics import PullMetrics
 from tandem.kv.transfer.tuning import keep_large_buffers_in_heap
 from tandem.models import resolve_model
+from tandem.procinfo import own_identity, process_meta, process_to_proto
 from tandem.proto.router.v1 import router_pb2
 from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
 
@@ -154,14 +155,14 @@ async def serve(config: DecodeConfig, *, engine_factory: EngineFactory = create_
         registration = ConsulRegistration(
             config.consul(), role="decode", service_id=worker_id, address=address,
             meta={"model": engine.model_name, "max_model_len": str(engine.max_model_len),
-                  "block_size": str(config.block_size)},
+                  "block_size": str(config.block_size), **process_meta(own_identity())},
         )
     elif config.router_address:
         kv_source = engine if isinstance(engine, KvEventSource) else None
         info = router_pb2.WorkerInfo(
             worker_id=worker_id, role=router_pb2.WORKER_ROLE_DECODE, address=address, model=engine.model_name,
             max_model_len=engine.max_model_len, block_size=config.block_size,
-            publishes_kv_events=kv_source is not None,
+            publishes_kv_events=kv_source is not None, process=process_to_proto(own_identity()),
         )
         registration = RouterRegistration(config.router_address, info, lambda: load_from_stats(engine.stats()),
                                           kv_source=kv_source, progress=progress)

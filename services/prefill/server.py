@@ -28,6 +28,7 @@ from tandem.kv.transfer.host import host_id
 from tandem.kv.transfer.metrics import ExportMetrics
 from tandem.kv.transfer.protocol import ChunkExporter, PrefillEngine
 from tandem.models import resolve_model
+from tandem.procinfo import own_identity, process_to_proto
 from tandem.proto.kv.v1 import kv_pb2
 from tandem.proto.router.v1 import router_pb2
 
@@ -152,7 +153,7 @@ async def serve(config: PrefillConfig, *, engine_factory: EngineFactory = create
         info = router_pb2.WorkerInfo(
             worker_id=worker_id, role=router_pb2.WORKER_ROLE_PREFILL, address=address,
             model=prefill_engine.model_name, max_model_len=prefill_engine.max_model_len, block_size=config.block_size,
-            publishes_kv_events=kv_source is not None)
+            publishes_kv_events=kv_source is not None, process=process_to_proto(own_identity()))
         registration = RouterRegistration(config.router_address, info,
                                           lambda: load_from_stats(prefill_engine.stats()), kv_source=kv_source)
     worker = PrefillWorker(

@@ -18,6 +18,7 @@ import structlog
 from services.router.registry import WorkerInfo, WorkerLoad, WorkerRole, WorkerSnapshot
 from tandem.discovery.consul import ConsulSettings
 from tandem.grpc_server import CHANNEL_OPTIONS
+from tandem.procinfo import process_from_meta
 from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = structlog.get_logger("router")
@@ -40,6 +41,7 @@ def info_from_entry(entry: dict[str, Any], role: WorkerRole) -> WorkerInfo:
     return WorkerInfo(
         worker_id=service["ID"], role=role, address=f"{host}:{service['Port']}", model=meta.get("model", ""),
         max_model_len=int(meta.get("max_model_len", 0) or 0), block_size=int(meta.get("block_size", 0) or 0),
+        process=process_from_meta(meta),
     )
 
 

@@ -2,9 +2,12 @@
 failing one out of routing at once (quarantine), before its registration lapses; restore it on SERVING.
 
 Signals: the health ``Watch`` stream turning NOT_SERVING or breaking (connection refused or reset),
-a ``Check`` probe that gets no answer within its timeout (a hung or SIGSTOPped process), and failure
-reports from callers (``ReportWorkerFailure``). Detection latency is recorded as the time from the
-worker's last sign of life (a probe answer, a load report) to its quarantine: an upper bound.
+a ``Check`` probe that gets no answer within its timeout (a hung or SIGSTOPped process), failure
+reports from callers (``ReportWorkerFailure``), and, for a worker on this host, its process exiting
+(``tandem.procinfo``: seen within a poll interval of the kill, while the kernel has not yet closed its
+sockets). Detection latency is recorded as the time from the worker's last sign of life (a probe
+answer, a load report; for an exit, the last poll that found the process running) to its
+quarantine: an upper bound.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.router.registry import WorkerRegistry, WorkerSnapshot
+from tandem import procinfo
 from tandem.grpc_server import CHANNEL_OPTIONS
+from tandem.procinfo import ProcessIdentity, ProcessState
 
 log = structlog.get_logger("router")
 
@@ -30,8 +35,9 @@ log = structlog.get_logger("router")
 SILENT = "silent"  # a probe went unanswered
 UNREACHABLE = "unreachable"  # connection refused or reset
 NOT_SERVING = "not_serving"  # the worker said so (loading, draining, engine failed)
+EXITED = "exited"  # its process on this host is exiting or gone
 REPORTED_PREFIX = "reported_"  # + the caller's failure kind: reported_stalled, reported_unreachable, ...
-REASONS = (SILENT, UNREACHABLE, NOT_SERVING, "reported_unreachable", "reported_stalled", "reported_stream_broken")
+REASONS = (SILENT, UNREACHABLE, NOT_SERVING, EXITED, "reported_unreachable", "reported_stalled", "reported_stream_broken")
 # Quarantines on suspicion: a slow worker looks the same. When they would leave a model with no worker
 # at all, routing ignores them (Envoy's "panic mode"): a slow worker beats a 503 for everyone.
 SUSPECT_REASONS = frozenset({SILENT, "reported_stalled"})
@@ -48,6 +54,8 @@ class HealthWatchConfig:
     # A quarantined worker is restored by a SERVING answer to a probe sent at least this long after
     # the quarantine, so one lucky probe cannot undo a fresh failure report.
     min_quarantine_s: float = 1.0
+    # How often the processes of workers on this host are checked for exiting; 0 turns it off.
+    exit_poll_interval_s: float = 0.005
 
     def __post_init__(self) -> None:
         for name in ("probe_interval_s", "probe_timeout_s"):
@@ -55,6 +63,9 @@ class HealthWatchConfig:
                 raise ValueError(f"invalid router setting health_{name}: must be > 0, got {getattr(self, name)}")
         if not self.min_quarantine_s >= 0:
             raise ValueError(f"invalid router setting quarantine_min_s: must be >= 0, got {self.min_quarantine_s}")
+        if not self.exit_poll_interval_s >= 0:
+            raise ValueError("invalid router setting exit_poll_interval_s: must be >= 0, "
+                             f"got {self.exit_poll_interval_s}")
 
 
 class HealthMetrics:
@@ -95,6 +106,12 @@ class _Watched:
     address: str
     task: asyncio.Task[None]
     last_alive_s: float
+    # The worker's process as registered; whether it runs on this host, so that its exit can be
+    # seen in /proc; the last time a poll found it running, and whether it has been seen exiting.
+    process: ProcessIdentity | None = None
+    local: bool = False
+    running_seen_s: float = 0.0
+    exited: bool = False
     # Connection failures count only once the worker has answered here at least once: a worker that
     # never did (an advertised address nobody listens on) is left to its registration and to callers.
     contacted: bool = False
@@ -116,18 +133,22 @@ class WorkerHealthMonitor:
         self._watched: dict[str, _Watched] = {}
         self._quarantined: dict[str, _Quarantine] = {}
         self._sync_task: asyncio.Task[None] | None = None
+        self._exit_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._sync_task is None:
             self._sync_task = asyncio.create_task(self._follow_registry(), name="health-watch")
+        if self._exit_task is None and self._config.exit_poll_interval_s > 0:
+            self._exit_task = asyncio.create_task(self._watch_exits(), name="exit-watch")
 
     async def stop(self) -> None:
         tasks = [watched.task for watched in self._watched.values()]
-        if self._sync_task is not None:
-            tasks.append(self._sync_task)
-            self._sync_task = None
+        for task in (self._sync_task, self._exit_task):
+            if task is not None:
+                tasks.append(task)
+        self._sync_task = self._exit_task = None
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -227,17 +248,41 @@ class WorkerHealthMonitor:
             await asyncio.sleep(self._config.probe_interval_s / 2)
 
     def sync(self) -> None:
-        listed = {worker.worker_id: worker.info.address for worker in self._registry.snapshot()}
+        listed = {worker.worker_id: (worker.info.address, worker.info.process) for worker in self._registry.snapshot()}
         for worker_id, watched in list(self._watched.items()):
-            if listed.get(worker_id) != watched.address:  # left, or re-registered at another address
+            address, process = listed.get(worker_id, ("", None))
+            if address != watched.address or process != watched.process:
+                # left, or re-registered at another address or as another process (a restart)
                 watched.task.cancel()
                 del self._watched[worker_id]
                 if self._quarantined.pop(worker_id, None) is not None:
                     self._metrics.quarantined_now.set(len(self._quarantined))
-        for worker_id, address in listed.items():
+        for worker_id, (address, process) in listed.items():
             if worker_id not in self._watched:
                 task = asyncio.create_task(self._watch(worker_id, address), name=f"health-{worker_id}")
-                self._watched[worker_id] = _Watched(address, task, self._clock())
+                now = self._clock()
+                local = process is not None and procinfo.probe(process) is not ProcessState.UNKNOWN
+                self._watched[worker_id] = _Watched(address, task, now, process, local, now)
+                if local:
+                    self.poll_exits()  # a worker that died before it was first seen leaves at once
+
+    async def _watch_exits(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.exit_poll_interval_s)
+            self.poll_exits()
+
+    def poll_exits(self) -> None:
+        """Quarantine every watched worker on this host whose process is exiting or gone."""
+        for worker_id, watched in self._watched.items():
+            if not watched.local or watched.exited or watched.process is None:
+                continue
+            state = procinfo.probe(watched.process)
+            now = self._clock()
+            if state is ProcessState.RUNNING:
+                watched.running_seen_s = now
+            elif state is not ProcessState.UNKNOWN:
+                watched.exited = True
+                self.quarantine(worker_id, EXITED, now - watched.running_seen_s)
 
     async def _watch(self, worker_id: str, address: str) -> None:
         async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tandem.procinfo import ProcessIdentity
+
 
 class WorkerRole(enum.Enum):
     DECODE = "decode"
@@ -27,6 +29,7 @@ class WorkerInfo:
     model: str
     max_model_len: int = 0
     block_size: int = 0
+    process: ProcessIdentity | None = None  # set when the worker said which OS process it is
 
 
 @dataclass(slots=True, frozen=True)

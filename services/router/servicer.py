@@ -26,6 +26,7 @@ from services.router.registry import (
 )
 from tandem.errors import InvalidRequest
 from tandem.grpc_server import bind_request_id, request_id_from_context
+from tandem.procinfo import ProcessIdentity, process_to_proto
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.proto.worker.v1 import worker_pb2
 
@@ -51,9 +52,12 @@ def info_from_proto(message: router_pb2.WorkerInfo) -> WorkerInfo:
         raise InvalidRequest(f"register.address: must be host:port, got {message.address!r}", "register.address")
     if not message.model:
         raise InvalidRequest("register.model: must name the served model", "register.model")
+    process = None
+    if message.HasField("process"):
+        process = ProcessIdentity(message.process.pid_namespace, message.process.pid, message.process.start_ticks)
     return WorkerInfo(
         worker_id=message.worker_id, role=_ROLES[message.role], address=message.address,
-        model=message.model, max_model_len=message.max_model_len, block_size=message.block_size,
+        model=message.model, max_model_len=message.max_model_len, block_size=message.block_size, process=process,
     )
 
 
@@ -66,10 +70,13 @@ def load_from_proto(message: worker_pb2.WorkerLoad) -> WorkerLoad:
 
 
 def _info_to_proto(info: WorkerInfo) -> router_pb2.WorkerInfo:
-    return router_pb2.WorkerInfo(
+    message = router_pb2.WorkerInfo(
         worker_id=info.worker_id, role=_ROLES_TO_PROTO[info.role], address=info.address,  # type: ignore[arg-type]
         model=info.model, max_model_len=info.max_model_len, block_size=info.block_size,
     )
+    if info.process is not None:
+        message.process.CopyFrom(process_to_proto(info.process))
+    return message
 
 
 def _load_to_proto(load: WorkerLoad) -> worker_pb2.WorkerLoad:

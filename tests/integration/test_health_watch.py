@@ -1,9 +1,14 @@
 """The router's early failure detection against workers reduced to a health service and a
-registration stream: NOT_SERVING, a dead server, a hung one, and failure reports from callers."""
+registration stream: NOT_SERVING, a dead server, a hung one, failure reports from callers, and the
+worker's process exiting on this host."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -14,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from services.decode.registration import RouterRegistration
 from services.router.config import RouterConfig
 from services.router.server import RunningRouter, serve
+from tandem.procinfo import ProcessIdentity, process_to_proto
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.proto.worker.v1 import worker_pb2
 
@@ -38,14 +44,15 @@ class HangableHealth(health.aio.HealthServicer):
 class Worker:
     """A health service plus the registration stream a decode worker keeps with the router."""
 
-    def __init__(self, router_address: str, worker_id: str) -> None:
+    def __init__(self, router_address: str, worker_id: str, process: ProcessIdentity | None = None) -> None:
         self.health = HangableHealth()
         self.server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.worker_id = worker_id
         info = router_pb2.WorkerInfo(worker_id=worker_id, role=router_pb2.WORKER_ROLE_DECODE,
-                                     address=f"127.0.0.1:{self.port}", model="m")
+                                     address=f"127.0.0.1:{self.port}", model="m",
+                                     process=process_to_proto(process) if process else None)
         self.registration = RouterRegistration(router_address, info, lambda: worker_pb2.WorkerLoad(
             num_kv_blocks_total=100, num_free_queue_slots=8), heartbeat_s=0.1)
 
@@ -75,8 +82,8 @@ async def stub(router: RunningRouter) -> AsyncIterator[router_pb2_grpc.RouterSer
         yield router_pb2_grpc.RouterServiceStub(channel)
 
 
-async def _started(router: RunningRouter, worker_id: str) -> Worker:
-    running = Worker(router.address, worker_id)
+async def _started(router: RunningRouter, worker_id: str, process: ProcessIdentity | None = None) -> Worker:
+    running = Worker(router.address, worker_id, process)
     await running.start()
     await _until(lambda: _watched(router, worker_id))
     return running
@@ -221,3 +228,66 @@ async def test_suspects_are_routed_to_when_no_other_worker_is_left(
         worker_id="w1", kind=router_pb2.WORKER_FAILURE_KIND_UNREACHABLE))
     assert router.health is not None and router.health.reason("w1") == "reported_unreachable"
     assert not await _routable(stub)
+
+
+class _Sleeper:
+    """A real child process standing in for a worker's OS process; it reports its own identity."""
+
+    def __init__(self) -> None:
+        code = ("import dataclasses, json, time; from tandem.procinfo import own_identity; "
+                "print(json.dumps(dataclasses.asdict(own_identity())), flush=True); time.sleep(600)")
+        self.popen = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert self.popen.stdout is not None
+        self.identity = ProcessIdentity(**json.loads(self.popen.stdout.readline()))
+
+    def kill(self) -> None:
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait()
+
+
+async def test_a_worker_whose_process_exits_leaves_routing_before_its_connections_break(
+        router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub, spare: Worker) -> None:
+    # The health server and registration stay up in this process: only the exit can tell.
+    process = _Sleeper()
+    try:
+        worker = await _started(router, "w3", process.identity)
+        assert await _routable(stub, "w3")
+        process.kill()
+        took_s = await _until(lambda: router.health is not None and router.health.reason("w3") == "exited",
+                              timeout_s=2.0)
+        assert took_s < PROBE_INTERVAL_S  # far sooner than any probe or the registration could notice
+        assert not await _routable(stub, "w3")
+        assert _sample(router, "tandem_router_failure_detection_seconds_count", {"reason": "exited"}) == 1
+        # Restarted as another process (same id and address): it is watched afresh and routed to again.
+        await worker.registration.stop()
+        replacement = _Sleeper()
+        try:
+            info = router_pb2.WorkerInfo()
+            info.CopyFrom(worker.registration.info)
+            info.process.CopyFrom(process_to_proto(replacement.identity))
+            worker.registration = RouterRegistration(router.address, info, lambda: worker_pb2.WorkerLoad(
+                num_kv_blocks_total=100, num_free_queue_slots=8), heartbeat_s=0.1)
+            worker.registration.start()
+            await worker.registration.wait_registered(5)
+            await _until(lambda: router.health is not None and not router.health.reason("w3"))
+            await _until(lambda: _watched(router, "w3"))
+            assert await _routable(stub, "w3")
+        finally:
+            replacement.kill()
+            await worker.stop()
+    finally:
+        if process.popen.poll() is None:
+            process.kill()
+
+
+async def test_a_process_on_another_host_is_left_to_the_connection_signals(
+        router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub, spare: Worker) -> None:
+    # Its PID means nothing here (another host or PID namespace): no exit is inferred from /proc.
+    elsewhere = ProcessIdentity("another-boot/pid:[1]", 1, 1)
+    worker = await _started(router, "w3", elsewhere)
+    try:
+        await asyncio.sleep(0.1)
+        assert router.health is not None and router.health.reason("w3") == ""
+        assert await _routable(stub, "w3")
+    finally:
+        await worker.stop()

@@ -40,7 +40,7 @@ WORKER_FAILURE_KIND_STALLED: WorkerFailureKind
 WORKER_FAILURE_KIND_STREAM_BROKEN: WorkerFailureKind
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "max_model_len", "block_size", "publishes_kv_events")
+    __slots__ = ("worker_id", "role", "address", "model", "max_model_len", "block_size", "publishes_kv_events", "process")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class WorkerInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     PUBLISHES_KV_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: WorkerRole
     address: str
@@ -55,7 +56,18 @@ class WorkerInfo(_message.Message):
     max_model_len: int
     block_size: int
     publishes_kv_events: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., publishes_kv_events: _Optional[bool] = ...) -> None: ...
+    process: ProcessIdentity
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[WorkerRole, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., publishes_kv_events: _Optional[bool] = ..., process: _Optional[_Union[ProcessIdentity, _Mapping]] = ...) -> None: ...
+
+class ProcessIdentity(_message.Message):
+    __slots__ = ("pid_namespace", "pid", "start_ticks")
+    PID_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    START_TICKS_FIELD_NUMBER: _ClassVar[int]
+    pid_namespace: str
+    pid: int
+    start_ticks: int
+    def __init__(self, pid_namespace: _Optional[str] = ..., pid: _Optional[int] = ..., start_ticks: _Optional[int] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
     __slots__ = ("request_id", "model", "token_ids", "exclude_worker_ids", "overrides", "block_hashes", "block_size")
