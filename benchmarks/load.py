@@ -2,7 +2,11 @@
 
 Starts `tandem up` with one decode worker (or uses --url), runs each concurrency level several
 times against both, and prints req/s, output tokens/s, TTFT and ITL p50/p99 and mesh/engine ratios.
-Usage: python benchmarks/load.py [--concurrency 1 4 16] [--runs 3] [--max-tokens 48]
+Both paths start the clock before tokenising the prompt (the frontend tokenises; so must an
+in-process caller). Runs alternate engine-first and mesh-first, and each ratio is the median of
+the ratios of adjacent (engine, mesh) pairs: shared machines drift by more than the mesh costs, and
+pairing cancels the drift. The spread column gives the lowest and highest pair ratio of TTFT p50.
+Usage: python benchmarks/load.py [--concurrency 1 4 16] [--runs 5] [--max-tokens 48]
 """
 
 from __future__ import annotations
@@ -83,10 +87,10 @@ async def run_engine(engine, texts: list[str], concurrency: int, max_tokens: int
 
     async def one(text: str) -> None:
         async with sem:
+            start = time.perf_counter()
             ids = engine.tokenizer(text)["input_ids"]
             request = EngineRequest(f"bench-{next(counter)}", ids,
                                     SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
-            start = time.perf_counter()
             last = None
             async for out in engine.generate(request):
                 if out.finished:
@@ -107,15 +111,26 @@ async def run_engine(engine, texts: list[str], concurrency: int, max_tokens: int
     return result
 
 
-def summarize(runs: list[RunResult]) -> dict[str, float]:
+def figures(run: RunResult) -> dict[str, float]:
     return {
-        "req/s": median([r.requests / r.wall_s for r in runs]),
-        "tok/s": median([r.output_tokens / r.wall_s for r in runs]),
-        "ttft_p50_ms": median([percentile(r.ttft_s, 50) * 1e3 for r in runs]),
-        "ttft_p99_ms": median([percentile(r.ttft_s, 99) * 1e3 for r in runs]),
-        "itl_p50_ms": median([percentile(r.itl_s, 50) * 1e3 for r in runs]),
-        "itl_p99_ms": median([percentile(r.itl_s, 99) * 1e3 for r in runs]),
+        "req/s": run.requests / run.wall_s,
+        "tok/s": run.output_tokens / run.wall_s,
+        "ttft_p50_ms": percentile(run.ttft_s, 50) * 1e3,
+        "ttft_p99_ms": percentile(run.ttft_s, 99) * 1e3,
+        "itl_p50_ms": percentile(run.itl_s, 50) * 1e3,
+        "itl_p99_ms": percentile(run.itl_s, 99) * 1e3,
     }
+
+
+def summarize(runs: list[RunResult]) -> dict[str, float]:
+    per_run = [figures(r) for r in runs]
+    return {key: median([f[key] for f in per_run]) for key in per_run[0]}
+
+
+def paired_ratios(mesh_runs: list[RunResult], engine_runs: list[RunResult]) -> dict[str, list[float]]:
+    """Each figure's mesh/engine ratio, per adjacent pair of runs."""
+    pairs = [(figures(m), figures(e)) for m, e in zip(mesh_runs, engine_runs, strict=True)]
+    return {key: [m[key] / e[key] for m, e in pairs] for key in pairs[0][0]}
 
 
 def start_mesh(threads: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -139,7 +154,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests-per-level", type=int, default=16)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the worker and in-process engine")
     parser.add_argument("--url", default=None, help="use a running frontend instead of starting one")
@@ -163,21 +178,27 @@ async def main() -> None:
         await run_mesh(url, DEFAULT_MODEL_NAME, texts[:2], 2, 4)
         for concurrency in args.concurrency:
             mesh_runs, engine_runs = [], []
-            for _ in range(args.runs):  # interleaved so drift hits both alike
-                engine_runs.append(await run_engine(engine, texts, concurrency, args.max_tokens))
-                mesh_runs.append(await run_mesh(url, DEFAULT_MODEL_NAME, texts, concurrency, args.max_tokens))
+            for i in range(args.runs):  # pairs, alternating which goes first
+                for path in (("engine", "mesh") if i % 2 == 0 else ("mesh", "engine")):
+                    if path == "engine":
+                        engine_runs.append(await run_engine(engine, texts, concurrency, args.max_tokens))
+                    else:
+                        mesh_runs.append(await run_mesh(url, DEFAULT_MODEL_NAME, texts, concurrency, args.max_tokens))
             e, m = summarize(engine_runs), summarize(mesh_runs)
             for name, s in (("engine", e), ("mesh", m)):
-                rows.append([concurrency, name, *(s[k] for k in s)])
-            rows.append([concurrency, "mesh/engine", *(m[k] / e[k] for k in m)])
+                rows.append([concurrency, name, *(s[k] for k in s), ""])
+            ratios = paired_ratios(mesh_runs, engine_runs)
+            spread = f"{min(ratios['ttft_p50_ms']):.3f}-{max(ratios['ttft_p50_ms']):.3f}"
+            rows.append([concurrency, "mesh/engine", *(median(r) for r in ratios.values()), spread])
     finally:
         await engine.shutdown()
         if mesh_proc is not None:
             mesh_proc.terminate()
             mesh_proc.wait(60)
     print(f"\n{args.requests_per_level} requests per level, {args.max_tokens} output tokens each, "
-          f"{args.runs} runs (medians), {args.threads} torch thread(s)\n")
-    print(table(["conc", "path", "req/s", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows))
+          f"{args.runs} runs (medians; ratios: medians of paired runs), {args.threads} torch thread(s)\n")
+    print(table(["conc", "path", "req/s", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
+                 "TTFT ratio spread"], rows))
 
 
 if __name__ == "__main__":
