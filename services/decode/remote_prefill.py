@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -24,7 +24,7 @@ from tandem.kv.transfer.metrics import PullMetrics
 from tandem.kv.transfer.protocol import ImportingEngine, KvPuller, KvTransferError, TransferHandle
 from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller, ShmKvPuller
 from tandem.kv.transfer.shm import SegmentReader
-from tandem.kv.transfer.wire import layout_from_proto
+from tandem.kv.transfer.wire import handle_from_proto
 from tandem.proto.kv.v1 import kv_pb2, kv_pb2_grpc
 from tandem.proto.worker.v1 import worker_pb2
 from tandem.telemetry.logging import REQUEST_ID_HEADER
@@ -43,6 +43,11 @@ class _ReservationSink:
 
     def write(self, block_index: int, layer_start: int, data: object) -> None:
         self.engine.write_kv(self.reservation, block_index, layer_start, data)  # type: ignore[arg-type]
+
+    def copy_from_pool(self, block_index: int, source_k: object, source_v: object,
+                       source_block_ids: Sequence[int]) -> None:
+        self.engine.import_kv_blocks(self.reservation, block_index, source_k, source_v,  # type: ignore[arg-type]
+                                     source_block_ids)
 
 
 @dataclass(slots=True)
@@ -95,7 +100,7 @@ class RemotePrefill:
                 yield output
             return
         try:
-            prefilled = await self._prefill(hint.address, request, wire)
+            prefilled, lease_deadline_s = await self._prefill(hint.address, request, wire)
         except (grpc.aio.AioRpcError, KvTransferError) as error:
             await self._engine.cancel_reservation(reservation)
             reason = error.code().name if isinstance(error, grpc.aio.AioRpcError) else error.reason
@@ -107,7 +112,8 @@ class RemotePrefill:
             await asyncio.shield(self._engine.cancel_reservation(reservation))
             raise
         self._metrics.observe_prefill("remote")
-        transfer = _Transfer(self._handle(prefilled, hint.address)) if prefilled.HasField("handle") else None
+        transfer = (_Transfer(handle_from_proto(prefilled.handle, hint.address, lease_deadline_s))
+                    if prefilled.HasField("handle") else None)
 
         async def load_kv(reserved: KVReservation) -> None:
             assert transfer is not None  # load_kv is only given when there is a handle
@@ -133,23 +139,18 @@ class RemotePrefill:
             await outputs.aclose()
 
     async def _prefill(self, address: str, request: EngineRequest,
-                       wire: worker_pb2.GenerateRequest) -> kv_pb2.PrefillResponse:
+                       wire: worker_pb2.GenerateRequest) -> tuple[kv_pb2.PrefillResponse, float]:
+        """The response, and the time (``time.monotonic()``) before which its lease surely holds."""
         stub = kv_pb2_grpc.PrefillServiceStub(self._control.get(address)[0])
         started = time.perf_counter()
+        sent_at = time.monotonic()  # the lease starts after this
         response: kv_pb2.PrefillResponse = await stub.Prefill(
             kv_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                                   sampling=wire.sampling),
             metadata=((REQUEST_ID_HEADER, request.request_id),), timeout=self._config.prefill_timeout_s)
         log.info("remote prefill done", prefill_address=address,
                  duration_ms=round(1000 * (time.perf_counter() - started), 1), num_prompt_tokens=response.num_prompt_tokens, num_cached_tokens=response.num_cached_tokens)
-        return response
-
-    @staticmethod
-    def _handle(response: kv_pb2.PrefillResponse, address: str) -> TransferHandle:
-        handle = response.handle
-        return TransferHandle(transfer_id=handle.transfer_id, address=handle.address or address,
-                              layout=layout_from_proto(handle.layout), num_blocks=handle.num_blocks,
-                              num_tokens=handle.num_tokens, lease_ms=handle.lease_ms, host_id=handle.host_id)
+        return response, sent_at + response.handle.lease_ms / 1000
 
     def _puller(self, handle: TransferHandle) -> KvPuller:
         choice = self._config.kv_transport

@@ -56,6 +56,7 @@ class PrefillWorker:
     _grpc: GrpcService
     _exporters: list[ChunkExporter]
     _metrics_server: WSGIServer | None
+    _closers: list[Callable[[], None]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _serving: bool = False
     _stopping: asyncio.Task[None] | None = None
@@ -85,6 +86,8 @@ class PrefillWorker:
         for exporter in self._exporters:
             exporter.close()
         await self.engine.shutdown()
+        for close in self._closers:
+            close()
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()
@@ -129,17 +132,27 @@ async def serve(config: PrefillConfig, *, engine_factory: EngineFactory = create
     servicer.add_to_server(grpc_service.server)
     await grpc_service.start()  # NOT_SERVING until the model is loaded
     metrics_server: WSGIServer | None = None
+    closers: list[Callable[[], None]] = []  # shared-memory files to remove at stop
     try:
         if config.metrics_port:
             metrics_server, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
         log.info("loading engine", model=str(model_path), engine=config.engine, port=grpc_service.port)
         await prefill_engine.start()
+        share = getattr(prefill_engine, "share_kv_pool", None)
+        if config.serves_shm and share is not None:
+            # Same-host decode workers then copy blocks straight out of this engine's pool.
+            shared_pool = await share(config.shm_dir)
+            if shared_pool is not None:
+                servicer.shared_pool = shared_pool.info
+                closers.append(shared_pool.close)
     except BaseException:
         with contextlib.suppress(Exception):
             await prefill_engine.shutdown()
         await grpc_service.stop(0)
         for exporter in exporters.values():
             exporter.close()
+        for close in closers:
+            close()
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
@@ -160,7 +173,7 @@ async def serve(config: PrefillConfig, *, engine_factory: EngineFactory = create
         config=config, worker_id=worker_id, port=grpc_service.port, address=address,
         metrics_port=metrics_server.server_address[1] if metrics_server else None, engine=prefill_engine,
         metrics=metrics, export_metrics=export_metrics, servicer=servicer, registration=registration,
-        _grpc=grpc_service, _exporters=list(exporters.values()), _metrics_server=metrics_server)
+        _grpc=grpc_service, _exporters=list(exporters.values()), _metrics_server=metrics_server, _closers=closers)
     await worker._set_serving(True)
     worker._tasks.append(asyncio.create_task(worker._watch(), name="prefill-watch"))
     expiry_interval_s = min(1.0, config.kv_lease_s / 4)

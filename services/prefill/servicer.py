@@ -18,7 +18,8 @@ from tandem.kv.transfer.leases import CANCELLED, RELEASED, Lease, LeaseTable
 from tandem.kv.transfer.metrics import ExportMetrics
 from tandem.kv.transfer.protocol import ChunkExporter, PrefillEngine
 from tandem.kv.transfer.settings import MAX_CHUNK_BYTES
-from tandem.kv.transfer.wire import layout_to_proto
+from tandem.kv.transfer.shared_pool import SharedPoolInfo
+from tandem.kv.transfer.wire import layout_to_proto, shared_pool_to_proto
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.kv.v1 import kv_pb2
 
@@ -33,7 +34,9 @@ class PrefillServicer:
     """Handlers of ``tandem.kv.v1.PrefillService``; ``add_to_server`` registers them.
 
     ``exporters`` maps the transports this worker serves (by ``KvTransport`` number) to their
-    exporters. Each lease's blocks are released exactly once, through ``free_lease``.
+    exporters. Each lease's blocks are released exactly once, through ``free_lease``. When the
+    engine's pool is in shared memory (``shared_pool``), handles name it and their block ids, so a
+    decode worker on this host copies the blocks without PullKv.
     """
 
     def __init__(self, engine: PrefillEngine, exporters: Mapping[int, ChunkExporter], metrics: ExportMetrics, *,
@@ -46,6 +49,7 @@ class PrefillServicer:
         self._host_id = host_id
         self._num_in_flight = 0
         self._draining = False
+        self.shared_pool: SharedPoolInfo | None = None  # set by the worker once the engine has started
 
     @property
     def num_in_flight(self) -> int:
@@ -130,6 +134,9 @@ class PrefillServicer:
                 transfer_id=transfer_id, address=self._address, layout=layout_to_proto(self._engine.kv_layout()),
                 num_blocks=num_blocks, num_tokens=result.num_prompt_tokens,
                 lease_ms=int(self.leases.lease_s * 1000), host_id=self._host_id))
+            if self.shared_pool is not None and kv_pb2.KV_TRANSPORT_SHM in self.exporters:
+                response.handle.shared_pool.CopyFrom(shared_pool_to_proto(self.shared_pool))
+                response.handle.block_ids.extend(result.block_ids[:num_blocks])
             outcome = "ok"
             log.info("prefilled", transfer_id=transfer_id, num_prompt_tokens=result.num_prompt_tokens,
                      num_cached_tokens=result.num_cached_tokens, num_blocks=num_blocks)

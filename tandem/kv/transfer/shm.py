@@ -28,7 +28,9 @@ _ROUND_BYTES = 1024 * 1024
 class Segment:
     """One mapped file under ``shm_dir``."""
 
-    def __init__(self, path: Path, size: int, *, create: bool) -> None:
+    def __init__(self, path: Path, size: int, *, create: bool, populate: bool = False) -> None:
+        """``populate`` maps every page now (a KV pool: faulting pages in one by one during the
+        transfers that first touch them cost as much as copying them)."""
         self.path = path
         self.name = path.name
         self.size = size
@@ -37,7 +39,8 @@ class Segment:
         try:
             if create:
                 os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if create else 0))
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+            self._map = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | (mmap.PROT_WRITE if create else 0))
         finally:
             os.close(fd)  # the mapping keeps the memory; the descriptor is not needed
 
@@ -120,15 +123,16 @@ class SegmentReader:
         self.max_mappings = max_mappings
         self._maps: OrderedDict[str, Segment] = OrderedDict()
 
-    def view(self, name: str, segment_size: int, offset: int, length: int) -> memoryview:
-        """Bytes [offset, offset+length) of segment ``name``; raises OSError when it cannot be opened."""
+    def view(self, name: str, segment_size: int, offset: int, length: int, *, populate: bool = False) -> memoryview:
+        """Bytes [offset, offset+length) of segment ``name``; raises OSError when it cannot be opened.
+        ``populate``: map all its pages when it is first mapped (a peer's KV pool)."""
         if not _VALID_NAME.match(name):
             raise ValueError(f"not a KV segment name: {name!r}")
         segment = self._maps.get(name)
         if segment is None or segment.size != segment_size:
             if segment is not None:
                 segment.close()
-            segment = Segment(self.shm_dir / name, segment_size, create=False)
+            segment = Segment(self.shm_dir / name, segment_size, create=False, populate=populate)
             self._maps[name] = segment
             while len(self._maps) > self.max_mappings:
                 _, oldest = self._maps.popitem(last=False)

@@ -8,6 +8,7 @@ blocks filled with a deterministic pattern instead of running a model.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import torch
 
@@ -15,19 +16,25 @@ from tandem.engine.types import EngineRequest, EngineStats, KVLayout, PrefillRes
 from tandem.errors import ResourceExhausted
 from tandem.kv.block_copy import gather_blocks, scatter_blocks
 from tandem.kv.transfer.chunks import TORCH_DTYPES
+from tandem.kv.transfer.shared_pool import SharedKvPool, copy_blocks
 
 
 class SyntheticKvPool:
-    """Blocks of ``layout`` in host memory; ``read_kv``/``write_kv`` match the engines' shapes."""
+    """Blocks of ``layout`` in host memory (in a shared-memory file under ``shm_dir`` when given, as
+    a prefill worker's); ``read_kv``/``write_kv`` match the engines' shapes."""
 
-    def __init__(self, layout: KVLayout, num_blocks: int) -> None:
+    def __init__(self, layout: KVLayout, num_blocks: int, shm_dir: str | None = None) -> None:
         self.layout = layout
         self.num_blocks = num_blocks
         slots = num_blocks * layout.block_size
         shape = (layout.num_layers, slots, layout.num_kv_heads, layout.head_dim)
         dtype = TORCH_DTYPES[layout.dtype]
-        self.k_cache = torch.zeros(shape, dtype=dtype)
-        self.v_cache = torch.zeros(shape, dtype=dtype)
+        self.shared = SharedKvPool(shm_dir, layout, slots) if shm_dir is not None else None
+        if self.shared is not None:
+            self.k_cache, self.v_cache = self.shared.k, self.shared.v
+        else:
+            self.k_cache = torch.zeros(shape, dtype=dtype)
+            self.v_cache = torch.zeros(shape, dtype=dtype)
 
     def kv_layout(self) -> KVLayout:
         return self.layout
@@ -39,6 +46,16 @@ class SyntheticKvPool:
 
     def write_blocks(self, block_ids: list[int], layer_start: int, data: torch.Tensor) -> None:
         scatter_blocks(self.k_cache, self.v_cache, self.layout.block_size, block_ids, layer_start, data)
+
+    def copy_blocks_from(self, block_ids: Sequence[int], source_k: torch.Tensor, source_v: torch.Tensor,
+                         source_block_ids: Sequence[int]) -> None:
+        """Blocks of another pool ([layers, slots, kvh, d]) into ``block_ids`` of this one."""
+        copy_blocks(source_k, source_v, source_block_ids, self.k_cache, self.v_cache, block_ids,
+                    self.layout.block_size)
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
 
     def fill(self, block_ids: list[int], seed: int) -> None:
         """Distinct, reproducible values in every slot of ``block_ids``."""
@@ -55,9 +72,9 @@ class SyntheticPrefillEngine(SyntheticKvPool):
     model_name = "synthetic"
     max_model_len = 1 << 20
 
-    def __init__(self, layout: KVLayout, num_blocks: int, *, refill: bool = True) -> None:
+    def __init__(self, layout: KVLayout, num_blocks: int, *, refill: bool = True, shm_dir: str | None = None) -> None:
         """``refill=False`` leaves blocks as they are on prefill (benchmarks fill the pool once)."""
-        super().__init__(layout, num_blocks)
+        super().__init__(layout, num_blocks, shm_dir)
         self._refill = refill
         self._free = list(range(num_blocks))
         self.pinned: dict[str, list[int]] = {}

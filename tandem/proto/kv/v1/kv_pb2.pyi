@@ -56,7 +56,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., handle: _Optional[_Union[KvHandle, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("transfer_id", "address", "layout", "num_blocks", "num_tokens", "lease_ms", "host_id")
+    __slots__ = ("transfer_id", "address", "layout", "num_blocks", "num_tokens", "lease_ms", "host_id", "shared_pool", "block_ids")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,8 @@ class KvHandle(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARED_POOL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     address: str
     layout: KvLayout
@@ -71,7 +73,23 @@ class KvHandle(_message.Message):
     num_tokens: int
     lease_ms: int
     host_id: str
-    def __init__(self, transfer_id: _Optional[str] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., num_blocks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., host_id: _Optional[str] = ...) -> None: ...
+    shared_pool: SharedKvPool
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, transfer_id: _Optional[str] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., num_blocks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., host_id: _Optional[str] = ..., shared_pool: _Optional[_Union[SharedKvPool, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SharedKvPool(_message.Message):
+    __slots__ = ("segment", "segment_size", "k_offset", "v_offset", "num_slots")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    K_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    V_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    segment_size: int
+    k_offset: int
+    v_offset: int
+    num_slots: int
+    def __init__(self, segment: _Optional[str] = ..., segment_size: _Optional[int] = ..., k_offset: _Optional[int] = ..., v_offset: _Optional[int] = ..., num_slots: _Optional[int] = ...) -> None: ...
 
 class PullKvRequest(_message.Message):
     __slots__ = ("transfer_id", "first_block", "max_chunk_bytes", "sequence_numbers", "transport", "skip_checksum")
@@ -90,13 +108,13 @@ class PullKvRequest(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., first_block: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., sequence_numbers: _Optional[_Iterable[int]] = ..., transport: _Optional[_Union[KvTransport, str]] = ..., skip_checksum: _Optional[bool] = ...) -> None: ...
 
 class KvChunk(_message.Message):
-    __slots__ = ("sequence_number", "layer_start", "num_layers", "block_start", "num_blocks", "checksum", "data", "shm")
+    __slots__ = ("sequence_number", "layer_start", "num_layers", "block_start", "num_blocks", "crc32c", "data", "shm")
     SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_START_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
     sequence_number: int
@@ -104,10 +122,10 @@ class KvChunk(_message.Message):
     num_layers: int
     block_start: int
     num_blocks: int
-    checksum: int
+    crc32c: int
     data: bytes
     shm: ShmSlice
-    def __init__(self, sequence_number: _Optional[int] = ..., layer_start: _Optional[int] = ..., num_layers: _Optional[int] = ..., block_start: _Optional[int] = ..., num_blocks: _Optional[int] = ..., checksum: _Optional[int] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[ShmSlice, _Mapping]] = ...) -> None: ...
+    def __init__(self, sequence_number: _Optional[int] = ..., layer_start: _Optional[int] = ..., num_layers: _Optional[int] = ..., block_start: _Optional[int] = ..., num_blocks: _Optional[int] = ..., crc32c: _Optional[int] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[ShmSlice, _Mapping]] = ...) -> None: ...
 
 class ShmSlice(_message.Message):
     __slots__ = ("segment", "offset", "length", "segment_size")
