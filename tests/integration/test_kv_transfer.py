@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -23,7 +25,7 @@ from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller, ShmKvPuller
 from tandem.kv.transfer.settings import PullSettings
 from tandem.kv.transfer.shm import SegmentReader
 from tandem.kv.transfer.synthetic import SyntheticKvPool, SyntheticPrefillEngine
-from tandem.kv.transfer.wire import layout_from_proto
+from tandem.kv.transfer.wire import handle_from_proto
 from tandem.proto.kv.v1 import kv_pb2, kv_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -46,13 +48,15 @@ class PrefillSide:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def prefill_side(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PrefillSide]:
     shm_dir = str(tmp_path_factory.mktemp("shm"))
-    engine = SyntheticPrefillEngine(LAYOUT, num_blocks=128)
+    engine = SyntheticPrefillEngine(LAYOUT, num_blocks=128, shm_dir=shm_dir)  # a pool in shared memory
     metrics = ExportMetrics(CollectorRegistry())
     service = GrpcService("127.0.0.1", 0, [SERVICE_NAME])
     address = f"127.0.0.1:{service.port}"
     exporters = {kv_pb2.KV_TRANSPORT_GRPC: GrpcChunkExporter(),
                  kv_pb2.KV_TRANSPORT_SHM: ShmChunkExporter(shm_dir, 64 * 1024 * 1024)}
     servicer = PrefillServicer(engine, exporters, metrics, lease_s=30, address=address, host_id=host_id(shm_dir))
+    assert engine.shared is not None
+    servicer.shared_pool = engine.shared.info
     servicer.add_to_server(service.server)
     await service.start()
     await service.set_serving(True)
@@ -62,6 +66,7 @@ async def prefill_side(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     await service.stop(0)
     for exporter in exporters.values():
         exporter.close()
+    engine.close()
 
 
 @pytest.fixture(autouse=True)
@@ -81,12 +86,19 @@ class PoolSink:
     def write(self, block_index: int, layer_start: int, data: torch.Tensor) -> None:
         self.pool.write_blocks(self.block_ids[block_index : block_index + data.shape[2]], layer_start, data)
 
+    def copy_from_pool(self, block_index: int, source_k: torch.Tensor, source_v: torch.Tensor,
+                       source_block_ids: Sequence[int]) -> None:
+        targets = self.block_ids[block_index : block_index + len(source_block_ids)]
+        self.pool.copy_blocks_from(targets, source_k, source_v, source_block_ids)
 
-async def prefill(side: PrefillSide, num_tokens: int = NUM_TOKENS) -> tuple[TransferHandle, list[int]]:
+
+async def prefill(side: PrefillSide, num_tokens: int = NUM_TOKENS, *, with_lease_deadline: bool = False
+                  ) -> tuple[TransferHandle, list[int]]:
+    """Without ``with_lease_deadline`` the handle cannot prove its lease, so shm goes through staging."""
+    sent_at = time.monotonic()
     response = await side.stub.Prefill(kv_pb2.PrefillRequest(request_id="r", prompt_token_ids=[1] * num_tokens))
-    handle = response.handle
-    return TransferHandle(handle.transfer_id, handle.address, layout_from_proto(handle.layout), handle.num_blocks,
-                          handle.num_tokens, handle.lease_ms, handle.host_id), side.engine.pinned[handle.transfer_id]
+    deadline = sent_at + response.handle.lease_ms / 1000 if with_lease_deadline else None
+    return handle_from_proto(response.handle, side.address, deadline), side.engine.pinned[response.handle.transfer_id]
 
 
 async def release(side: PrefillSide, handle: TransferHandle) -> bool:
@@ -144,6 +156,46 @@ async def test_shm_pull_copies_every_block(prefill_side: PrefillSide, tmp_path_f
     assert_same_blocks(prefill_side.engine, source_ids, dest, dest_ids)
     assert exporter.pool.num_bytes > 0  # the segment waits for reuse once released
     await release(prefill_side, handle)
+
+
+async def test_shm_copies_blocks_straight_from_the_prefill_pool_without_pull_kv(
+        prefill_side: PrefillSide) -> None:
+    handle, source_ids = await prefill(prefill_side, with_lease_deadline=True)
+    assert handle.shared_pool is not None and list(handle.block_ids) == source_ids
+    chunks_sent = prefill_side.metrics.chunks_sent.labels(transport="shm")._value.get()
+    dest = SyntheticKvPool(LAYOUT, 64)
+    dest_ids = list(range(63, 23, -1))  # scattered: no two neighbours adjacent
+    puller = shm_puller(str(prefill_side.engine.shared.path.parent), verify=False)  # type: ignore[union-attr]
+    try:
+        result = await puller.pull(handle, 5, PoolSink(dest, dest_ids), timeout_s=10)
+    finally:
+        await puller.close()
+    assert result.transport == "shm" and result.num_bytes == 35 * LAYOUT.bytes_per_block_layer * LAYOUT.num_layers
+    assert_same_blocks(prefill_side.engine, source_ids, dest, dest_ids, first_block=5)
+    assert not dest.read_kv(dest_ids[:5], 0, LAYOUT.num_layers).any()
+    assert prefill_side.metrics.chunks_sent.labels(transport="shm")._value.get() == chunks_sent  # no PullKv
+    assert await release(prefill_side, handle) is True
+
+
+async def test_a_pool_copy_that_cannot_prove_its_lease_is_refused(prefill_side: PrefillSide) -> None:
+    handle, _ = await prefill(prefill_side, with_lease_deadline=True)
+    dest = SyntheticKvPool(LAYOUT, 40)
+    puller = shm_puller(str(prefill_side.engine.shared.path.parent), verify=False)  # type: ignore[union-attr]
+    try:
+        expired = dataclasses.replace(handle, lease_deadline_s=time.monotonic() - 0.001)
+        with pytest.raises(KvTransferError) as failure:
+            await puller.pull(expired, 0, PoolSink(dest, list(range(40))), timeout_s=10)
+        assert failure.value.reason == "deadline"
+        assert not dest.read_kv(list(range(40)), 0, LAYOUT.num_layers).any()
+        assert handle.shared_pool is not None
+        missing = dataclasses.replace(handle, shared_pool=dataclasses.replace(handle.shared_pool,
+                                                                              segment="tandem-kv-pool-gone"))
+        with pytest.raises(KvTransferError) as failure:
+            await puller.pull(missing, 0, PoolSink(dest, list(range(40))), timeout_s=10)
+        assert failure.value.reason == "shm"  # the decode worker then pulls over gRPC
+    finally:
+        await puller.close()
+        await release(prefill_side, handle)
 
 
 async def test_pull_from_first_block_skips_the_locally_cached_prefix(prefill_side: PrefillSide) -> None:

@@ -310,9 +310,12 @@ async def test_blocks_nobody_pulls_are_freed_when_the_lease_expires(prefill: Pre
         prefill.servicer.leases.lease_s = 30.0
 
 
+@pytest.mark.parametrize("transport", ["grpc", "shm"])
 async def test_a_client_leaving_mid_transfer_frees_blocks_on_both_sides(
-        prefill: PrefillWorker, over_shm: DecodeWorker, tokenizer: Any) -> None:
-    remote = over_shm.remote_prefill
+        prefill: PrefillWorker, over_shm: DecodeWorker, over_grpc: DecodeWorker, transport: str,
+        tokenizer: Any) -> None:
+    decode = over_grpc if transport == "grpc" else over_shm
+    remote = decode.remote_prefill
     assert remote is not None
     in_transfer = asyncio.Event()
 
@@ -321,18 +324,28 @@ async def test_a_client_leaving_mid_transfer_frees_blocks_on_both_sides(
         await asyncio.sleep(30)
         return payload
 
-    remote.shm_puller.chunk_hook = stall
+    async def stall_before_copy(handle: TransferHandle) -> None:
+        # Same host, the prefill engine's pool is shared: the copy is one step with no chunks, so
+        # stall just before it.
+        assert handle.shared_pool is not None and len(handle.block_ids) == handle.num_blocks
+        in_transfer.set()
+        await asyncio.sleep(30)
+
+    if transport == "grpc":
+        remote.grpc_puller.chunk_hook = stall
+    else:
+        remote.before_pull = stall_before_copy
     ids = list(tokenizer("A long letter that the reader abandons. " * 30)["input_ids"])
     released = sample(prefill, "tandem_kv_leases_ended_total", {"reason": "released"})
-    async with grpc.aio.insecure_channel(over_shm.address) as channel:
-        call = worker_pb2_grpc.WorkerServiceStub(channel).Generate(request(ids, "leaver", hint(prefill)))
+    async with grpc.aio.insecure_channel(decode.address) as channel:
+        call = worker_pb2_grpc.WorkerServiceStub(channel).Generate(request(ids, f"leaver-{transport}", hint(prefill)))
         first = await call.read()  # the first token, then the transfer starts
         assert list(first.delta.token_ids)
         await asyncio.wait_for(in_transfer.wait(), 10)
-        assert prefill.engine.stats().num_kv_blocks_used > 0 and over_shm.engine.stats().num_kv_blocks_used > 0
+        assert prefill.engine.stats().num_kv_blocks_used > 0 and decode.engine.stats().num_kv_blocks_used > 0
         call.cancel()
     for _ in range(100):
-        if not prefill.engine.stats().num_kv_blocks_used and not over_shm.engine.stats().num_kv_blocks_used:
+        if not prefill.engine.stats().num_kv_blocks_used and not decode.engine.stats().num_kv_blocks_used:
             break
         await asyncio.sleep(0.05)
     # Freed by the decode worker's ReleaseKv, long before the 30 s lease would have.

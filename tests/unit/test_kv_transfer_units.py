@@ -1,9 +1,8 @@
-"""KV transfer pieces without sockets: chunk plans, the KvChunk codec, leases, settings, segments."""
+"""KV transfer pieces without sockets: chunk plans, the KvChunk codec, leases, settings, segments, shared pools."""
 
 from __future__ import annotations
 
 import asyncio
-import zlib
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 from tandem.engine.types import KVLayout
 from tandem.kv.transfer.chunks import (
     ChunkPlanError,
+    checksum,
     chunk_shape,
     plan_chunks,
     tensor_bytes,
@@ -19,8 +19,16 @@ from tandem.kv.transfer.chunks import (
 )
 from tandem.kv.transfer.leases import EXPIRED, RELEASED, Lease, LeaseTable
 from tandem.kv.transfer.settings import MAX_CHUNK_BYTES, PullSettings
+from tandem.kv.transfer.shared_pool import SharedKvPool, copy_blocks, map_pool
 from tandem.kv.transfer.shm import SegmentPool, SegmentReader
-from tandem.kv.transfer.wire import decode_chunk, encode_chunk, layout_from_proto, layout_to_proto
+from tandem.kv.transfer.synthetic import SyntheticKvPool
+from tandem.kv.transfer.wire import (
+    ChunkMessage,
+    decode_chunk,
+    encode_chunk,
+    layout_from_proto,
+    layout_to_proto,
+)
 from tandem.proto.kv.v1 import kv_pb2
 
 pytestmark = pytest.mark.unit
@@ -79,12 +87,12 @@ def test_chunk_bytes_round_trip_through_a_tensor_view(dtype: torch.dtype) -> Non
 def test_encoded_chunks_are_plain_protobuf_and_decode_without_copying_the_data() -> None:
     payload = bytes(range(256)) * 5000
     header = kv_pb2.KvChunk(sequence_number=7, layer_start=2, num_layers=3, block_start=300, num_blocks=1,
-                            checksum=zlib.crc32(payload))
+                            crc32c=checksum(payload))
     raw = encode_chunk(header, memoryview(payload))
     parsed = kv_pb2.KvChunk.FromString(raw)  # any protobuf reader sees the same message
     assert parsed.sequence_number == 7 and parsed.block_start == 300 and parsed.data == payload
     decoded, data = decode_chunk(raw)
-    assert decoded.sequence_number == 7 and decoded.checksum == header.checksum and not decoded.data
+    assert decoded.sequence_number == 7 and decoded.crc32c == header.crc32c and not decoded.data
     assert bytes(data) == payload and data.obj is raw  # a view into the received message
     # Messages protobuf itself wrote (data anywhere, shm slices, no data) decode the same way.
     shm = kv_pb2.KvChunk(sequence_number=1, shm=kv_pb2.ShmSlice(segment="tandem-kv-1", offset=5, length=9))
@@ -92,6 +100,31 @@ def test_encoded_chunks_are_plain_protobuf_and_decode_without_copying_the_data()
     assert decoded == shm and len(data) == 0
     decoded, data = decode_chunk(kv_pb2.KvChunk(data=b"abc", num_layers=2).SerializeToString())
     assert bytes(data) == b"abc" and decoded.num_layers == 2
+
+
+@pytest.mark.parametrize("crc", [0, 1, 0xFFFFFFFF])
+def test_a_chunk_message_is_gathered_in_place_and_any_protobuf_reader_sees_it(crc: int) -> None:
+    layout = KVLayout(4, 2, 8, 16, "bfloat16")
+    chunk = plan_chunks(layout, 3, 0, 1 << 20)[0]
+    data = torch.randn(chunk_shape(layout, chunk)).to(torch.bfloat16)
+    message = ChunkMessage(kv_pb2.KvChunk(sequence_number=4, num_layers=4, num_blocks=3), chunk.num_bytes)
+    tensor_from_bytes(message.payload, layout, chunk).copy_(data)  # what the exporter's gather does
+    raw = message.finish(crc)
+    parsed = kv_pb2.KvChunk.FromString(raw)
+    assert (parsed.sequence_number, parsed.num_layers, parsed.num_blocks, parsed.crc32c) == (4, 4, 3, crc)
+    assert parsed.data == bytes(tensor_bytes(data))
+    decoded, payload = decode_chunk(raw)
+    assert decoded.crc32c == crc and torch.equal(tensor_from_bytes(payload, layout, chunk), data)
+
+
+def test_the_checksum_catches_a_flipped_bit_anywhere() -> None:
+    payload = bytearray(torch.randn(64 * 1024).numpy().tobytes())
+    good = checksum(payload)
+    assert checksum(bytes(payload)) == good == checksum(memoryview(payload))
+    for position in (0, 1, len(payload) // 2, len(payload) - 1):
+        payload[position] ^= 0x04
+        assert checksum(payload) != good
+        payload[position] ^= 0x04
 
 
 def test_truncated_chunks_are_rejected() -> None:
@@ -166,3 +199,36 @@ def test_segments_are_reused_read_through_a_reader_and_unlinked(tmp_path: Path) 
     reader.close()
     pool.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_blocks_copy_pool_to_pool_through_a_shared_mapping(tmp_path: Path) -> None:
+    layout = KVLayout(3, 2, 8, 4, "float32")
+    source = SyntheticKvPool(layout, 12, shm_dir=str(tmp_path))
+    assert source.shared is not None
+    source.fill(list(range(12)), seed=3)
+    reader = SegmentReader(str(tmp_path))
+    k, v = map_pool(reader, source.shared.info, layout)
+    target = SyntheticKvPool(layout, 10)
+    source_ids, target_ids = [2, 3, 4, 9, 0], [5, 6, 7, 1, 8]  # runs and single blocks
+    copy_blocks(k, v, source_ids, target.k_cache, target.v_cache, target_ids, layout.block_size)
+    assert torch.equal(source.read_kv(source_ids, 0, 3), target.read_kv(target_ids, 0, 3))
+    untouched = [0, 2, 3, 4, 9]
+    assert not target.read_kv(untouched, 0, 3).any()
+    with pytest.raises(ValueError, match="outside the pool"):
+        copy_blocks(k, v, [12], target.k_cache, target.v_cache, [0], layout.block_size)
+    source.close()
+    assert not list(tmp_path.iterdir())  # the creator removed the file; the mapping still reads
+    assert torch.equal(k, source.k_cache)
+    reader.close()
+
+
+def test_a_pool_description_that_does_not_fit_the_layout_is_refused(tmp_path: Path) -> None:
+    layout = KVLayout(2, 1, 8, 4, "float32")
+    pool = SharedKvPool(str(tmp_path), layout, 16)
+    reader = SegmentReader(str(tmp_path))
+    bigger = KVLayout(4, 1, 8, 4, "float32")
+    with pytest.raises(ValueError, match="does not hold"):
+        map_pool(reader, pool.info, bigger)
+    pool.close()
+    with pytest.raises(OSError):
+        map_pool(reader, pool.info, layout)  # gone, and never mapped here
