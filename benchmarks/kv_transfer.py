@@ -5,7 +5,10 @@ Shapes: the default model (SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64, flo
 token) and a 0.5B-class shape (Qwen2.5-0.5B: 24 layers, 2 KV heads, head_dim 64, bfloat16: 12 KiB
 a token). gRPC and shm times include gathering the blocks from the prefill side's paged pool and
 scattering them into the decode side's (as in a real transfer); memcpy and TCP move one contiguous
-buffer. Every figure is the median of --runs timed runs after one warm-up, in GB/s (1e9 bytes).
+buffer. The prefill side's pool is in shared memory, as a prefill worker's on a CPU: "shm" copies
+blocks pool to pool (no PullKv call); "shm staged+crc" goes through staging segments with CRC-32C
+(the path of a GPU pool, or of --verify-shm-checksums). Every figure is the median of --runs timed
+runs after one warm-up, in GB/s (1e9 bytes).
 Usage: python benchmarks/kv_transfer.py [--tokens 256 2048 8192] [--runs 5] [--threads 1]
 """
 
@@ -64,7 +67,7 @@ def _serve(shape: str, num_blocks: int, threads: int, shm_dir: str, ready: mp.Qu
         from tandem.kv.transfer.synthetic import SyntheticPrefillEngine
         from tandem.proto.kv.v1 import kv_pb2
 
-        engine = SyntheticPrefillEngine(_layout(shape), num_blocks, refill=False)
+        engine = SyntheticPrefillEngine(_layout(shape), num_blocks, refill=False, shm_dir=shm_dir)
         engine.fill(list(range(num_blocks)), seed=1)
         service = GrpcService("127.0.0.1", 0, [SERVICE_NAME])
         address = f"127.0.0.1:{service.port}"
@@ -72,11 +75,15 @@ def _serve(shape: str, num_blocks: int, threads: int, shm_dir: str, ready: mp.Qu
                      kv_pb2.KV_TRANSPORT_SHM: ShmChunkExporter(shm_dir, 2 << 30, export_threads)}
         servicer = PrefillServicer(engine, exporters, ExportMetrics(CollectorRegistry()), lease_s=600,
                                    address=address, host_id=host_id(shm_dir))
+        servicer.shared_pool = engine.shared.info if engine.shared is not None else None
         servicer.add_to_server(service.server)
         await service.start()
         await service.set_serving(True)
         ready.put(address)
-        await service.server.wait_for_termination()
+        try:
+            await service.server.wait_for_termination()
+        finally:
+            engine.close()
 
     asyncio.run(main())
 
@@ -132,32 +139,36 @@ def tcp_gbps(num_bytes: int, runs: int) -> float:
 # -- the transfer paths ------------------------------------------------------------------------------
 
 async def _pull_gbps(address: str, shape: str, num_tokens: int, runs: int, make_puller: Callable[[], object],
-                     protobuf_client: bool = False) -> float:
+                     protobuf_client: bool = False, scattered: bool = False) -> float:
     import grpc
 
-    from tandem.kv.transfer.protocol import TransferHandle
     from tandem.kv.transfer.synthetic import SyntheticKvPool
-    from tandem.kv.transfer.wire import layout_from_proto
+    from tandem.kv.transfer.wire import handle_from_proto
     from tandem.proto.kv.v1 import kv_pb2, kv_pb2_grpc
 
     layout = _layout(shape)
     num_blocks = -(-num_tokens // BLOCK_SIZE)
     sink_pool = SyntheticKvPool(layout, num_blocks)
-    block_ids = list(range(num_blocks))
+    # A long-running decode pool hands out scattered blocks: reversed order is the worst case (no
+    # two neighbours adjacent); in order, the best.
+    block_ids = list(range(num_blocks))[::-1] if scattered else list(range(num_blocks))
 
     class Sink:
         def write(self, block_index: int, layer_start: int, data):  # type: ignore[no-untyped-def]
             sink_pool.write_blocks(block_ids[block_index : block_index + data.shape[2]], layer_start, data)
+
+        def copy_from_pool(self, block_index, source_k, source_v, source_block_ids):  # type: ignore[no-untyped-def]
+            sink_pool.copy_blocks_from(block_ids[block_index : block_index + len(source_block_ids)], source_k,
+                                       source_v, source_block_ids)
 
     puller = make_puller()
     times = []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = kv_pb2_grpc.PrefillServiceStub(channel)
         for run in range(runs + 1):
+            sent_at = time.monotonic()
             reply = await stub.Prefill(kv_pb2.PrefillRequest(request_id=f"bench-{run}", prompt_token_ids=[1] * num_tokens))
-            h = reply.handle
-            handle = TransferHandle(h.transfer_id, h.address, layout_from_proto(h.layout), h.num_blocks, h.num_tokens,
-                                    h.lease_ms, h.host_id)
+            handle = handle_from_proto(reply.handle, address, sent_at + reply.handle.lease_ms / 1000)
             started = time.perf_counter()
             if protobuf_client:
                 await _naive_pull(stub, handle, Sink())
@@ -172,16 +183,14 @@ async def _pull_gbps(address: str, shape: str, num_tokens: int, runs: int, make_
 
 async def _naive_pull(stub, handle, sink) -> None:  # type: ignore[no-untyped-def]
     """The straightforward client, for comparison: one stream, protobuf parsing (a copy of each chunk)."""
-    import zlib
-
-    from tandem.kv.transfer.chunks import plan_chunks, tensor_from_bytes
+    from tandem.kv.transfer.chunks import checksum, plan_chunks, tensor_from_bytes
     from tandem.proto.kv.v1 import kv_pb2
 
     plan = {c.sequence_number: c for c in plan_chunks(handle.layout, handle.num_blocks, 0, 2 << 20)}
     request = kv_pb2.PullKvRequest(transfer_id=handle.transfer_id, max_chunk_bytes=2 << 20,
                                    transport=kv_pb2.KV_TRANSPORT_GRPC)
     async for chunk in stub.PullKv(request, timeout=120):
-        if zlib.crc32(chunk.data) != chunk.checksum:
+        if checksum(chunk.data) != chunk.crc32c:
             raise RuntimeError("corrupt chunk")
         spec = plan[chunk.sequence_number]
         sink.write(spec.block_start, spec.layer_start, tensor_from_bytes(chunk.data, handle.layout, spec))
@@ -194,11 +203,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each process (workers use 1 here)")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4], help="parallel PullKv streams to try")
-    parser.add_argument("--chunk-kib", type=int, default=2048, help="chunk bound of the gRPC path")
+    parser.add_argument("--chunk-kib", type=int, default=3072, help="chunk bound of the gRPC path")
     parser.add_argument("--shm-chunk-kib", type=int, default=3072, help="chunk bound of the shm path")
     parser.add_argument("--export-threads", type=int, default=2, help="prefill side: threads preparing chunks")
     parser.add_argument("--copy-threads", type=int, default=2, help="decode side: threads landing chunks")
     parser.add_argument("--shm-dir", default="/dev/shm")
+    parser.add_argument("--scattered", action="store_true", help="decode side: blocks in reverse order, not in order")
     args = parser.parse_args()
 
     import torch
@@ -215,7 +225,8 @@ def main() -> None:
     chunk = args.chunk_kib * 1024
     print(f"{os.cpu_count()} CPUs, torch threads {args.threads} per process, {args.runs} runs (median), "
           f"chunk bound {args.chunk_kib} KiB (shm {args.shm_chunk_kib} KiB), {args.export_threads} export and "
-          f"{args.copy_threads} copy threads", flush=True)
+          f"{args.copy_threads} copy threads, decode blocks {'scattered' if args.scattered else 'in order'}",
+          flush=True)
     rows = []
     for shape in args.shapes:
         layout = _layout(shape)
@@ -242,12 +253,12 @@ def main() -> None:
                                             verify_shm_checksums=verify, num_copy_threads=args.copy_threads)
                     return lambda: ShmKvPuller(settings, ChannelPool(1), SegmentReader(args.shm_dir))
 
-                naive = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, grpc_puller(1), True))
-                by_streams = {s: asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, grpc_puller(s)))
+                naive = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, grpc_puller(1), True, args.scattered))
+                by_streams = {s: asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, grpc_puller(s), scattered=args.scattered))
                               for s in args.streams}
                 best_streams = max(by_streams, key=by_streams.__getitem__)
-                shm = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, shm_puller(False)))
-                shm_crc = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, shm_puller(True)))
+                shm = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, shm_puller(False), scattered=args.scattered))
+                shm_crc = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, shm_puller(True), scattered=args.scattered))
                 best = by_streams[best_streams]
                 rows.append([shape, num_tokens, round(num_bytes / 1e6, 1), memcpy, tcp, naive,
                              *(by_streams[s] for s in args.streams), f"{best / tcp:.0%}", shm, shm_crc,
@@ -256,7 +267,7 @@ def main() -> None:
         finally:
             server.kill()
     headers = ["shape", "tokens", "MB", "memcpy", "tcp", "grpc naive",
-               *(f"grpc x{s}" for s in args.streams), "best grpc/tcp", "shm", "shm+crc", "shm/memcpy"]
+               *(f"grpc x{s}" for s in args.streams), "best grpc/tcp", "shm", "shm staged+crc", "shm/memcpy"]
     print()
     print(table(headers, rows))
 
