@@ -18,8 +18,10 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -214,62 +216,74 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller, ShmKvPuller
-    from tandem.kv.transfer.settings import PullSettings
-    from tandem.kv.transfer.shm import SegmentReader
     from tandem.kv.transfer.tuning import keep_large_buffers_in_heap
     from tandem.telemetry.logging import configure_logging
 
     configure_logging("bench", level="WARNING")
     keep_large_buffers_in_heap()
-    chunk = args.chunk_kib * 1024
     print(f"{os.cpu_count()} CPUs, torch threads {args.threads} per process, {args.runs} runs (median), "
           f"chunk bound {args.chunk_kib} KiB (shm {args.shm_chunk_kib} KiB), {args.export_threads} export and "
           f"{args.copy_threads} copy threads, decode blocks {'scattered' if args.scattered else 'in order'}",
           flush=True)
-    rows = []
-    for shape in args.shapes:
-        layout = _layout(shape)
-        num_blocks = -(-max(args.tokens) // BLOCK_SIZE) + 8
-        context = mp.get_context("spawn")
-        ready: mp.Queue = context.Queue()  # type: ignore[type-arg]
-        server = context.Process(target=_serve, args=(shape, num_blocks, args.threads, args.shm_dir, ready,
-                                                      args.export_threads), daemon=True)
-        server.start()
-        address = ready.get(timeout=120)
-        try:
-            for num_tokens in args.tokens:
-                num_bytes = num_tokens * layout.num_layers * layout.bytes_per_block_layer // BLOCK_SIZE
-                memcpy = memcpy_gbps(num_bytes, args.runs)
-                tcp = tcp_gbps(num_bytes, args.runs)
-
-                def grpc_puller(streams: int) -> Callable[[], object]:
-                    settings = PullSettings(max_chunk_bytes=chunk, num_streams=streams,
-                                            num_copy_threads=args.copy_threads)
-                    return lambda: GrpcKvPuller(settings, ChannelPool(streams))
-
-                def shm_puller(verify: bool) -> Callable[[], object]:
-                    settings = PullSettings(max_chunk_bytes=args.shm_chunk_kib * 1024, num_streams=1,
-                                            verify_shm_checksums=verify, num_copy_threads=args.copy_threads)
-                    return lambda: ShmKvPuller(settings, ChannelPool(1), SegmentReader(args.shm_dir))
-
-                naive = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, grpc_puller(1), True, args.scattered))
-                by_streams = {s: asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, grpc_puller(s), scattered=args.scattered))
-                              for s in args.streams}
-                best_streams = max(by_streams, key=by_streams.__getitem__)
-                shm = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, shm_puller(False), scattered=args.scattered))
-                shm_crc = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, shm_puller(True), scattered=args.scattered))
-                best = by_streams[best_streams]
-                rows.append([shape, num_tokens, round(num_bytes / 1e6, 1), memcpy, tcp, naive,
-                             *(by_streams[s] for s in args.streams), f"{best / tcp:.0%}", shm, shm_crc,
-                             f"{shm / memcpy:.0%}"])
-                print(f"  {shape} {num_tokens} tokens done", flush=True)
-        finally:
-            server.kill()
+    rows: list[list[object]] = []
+    # The prefill process is killed at the end: its segments and pool go in a folder removed here.
+    shm_dir = tempfile.mkdtemp(prefix="tandem-kv-bench-", dir=args.shm_dir)
+    try:
+        for shape in args.shapes:
+            rows.extend(_measure_shape(args, shape, shm_dir))
+    finally:
+        shutil.rmtree(shm_dir, ignore_errors=True)
     headers = ["shape", "tokens", "MB", "memcpy", "tcp", "grpc naive",
                *(f"grpc x{s}" for s in args.streams), "best grpc/tcp", "shm", "shm staged+crc", "shm/memcpy"]
     print()
     print(table(headers, rows))
+
+
+def _measure_shape(args: argparse.Namespace, shape: str, shm_dir: str) -> list[list[object]]:
+    from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller, ShmKvPuller
+    from tandem.kv.transfer.settings import PullSettings
+    from tandem.kv.transfer.shm import SegmentReader
+
+    chunk = args.chunk_kib * 1024
+    rows: list[list[object]] = []
+    layout = _layout(shape)
+    num_blocks = -(-max(args.tokens) // BLOCK_SIZE) + 8
+    context = mp.get_context("spawn")
+    ready: mp.Queue = context.Queue()  # type: ignore[type-arg]
+    server = context.Process(target=_serve, args=(shape, num_blocks, args.threads, shm_dir, ready,
+                                                  args.export_threads), daemon=True)
+    server.start()
+    address = ready.get(timeout=120)
+    try:
+        for num_tokens in args.tokens:
+            num_bytes = num_tokens * layout.num_layers * layout.bytes_per_block_layer // BLOCK_SIZE
+            memcpy = memcpy_gbps(num_bytes, args.runs)
+            tcp = tcp_gbps(num_bytes, args.runs)
+
+            def grpc_puller(streams: int) -> Callable[[], object]:
+                settings = PullSettings(max_chunk_bytes=chunk, num_streams=streams,
+                                        num_copy_threads=args.copy_threads)
+                return lambda: GrpcKvPuller(settings, ChannelPool(streams))
+
+            def shm_puller(verify: bool) -> Callable[[], object]:
+                settings = PullSettings(max_chunk_bytes=args.shm_chunk_kib * 1024, num_streams=1,
+                                        verify_shm_checksums=verify, num_copy_threads=args.copy_threads)
+                return lambda: ShmKvPuller(settings, ChannelPool(1), SegmentReader(shm_dir))
+
+            naive = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, grpc_puller(1), True, args.scattered))
+            by_streams = {s: asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, grpc_puller(s), scattered=args.scattered))
+                          for s in args.streams}
+            best_streams = max(by_streams, key=by_streams.__getitem__)
+            shm = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, shm_puller(False), scattered=args.scattered))
+            shm_crc = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, shm_puller(True), scattered=args.scattered))
+            best = by_streams[best_streams]
+            rows.append([shape, num_tokens, round(num_bytes / 1e6, 1), memcpy, tcp, naive,
+                         *(by_streams[s] for s in args.streams), f"{best / tcp:.0%}", shm, shm_crc,
+                         f"{shm / memcpy:.0%}"])
+            print(f"  {shape} {num_tokens} tokens done", flush=True)
+    finally:
+        server.kill()
+    return rows
 
 
 if __name__ == "__main__":
