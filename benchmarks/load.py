@@ -133,13 +133,14 @@ def paired_ratios(mesh_runs: list[RunResult], engine_runs: list[RunResult]) -> d
     return {key: [m[key] / e[key] for m, e in pairs] for key in pairs[0][0]}
 
 
-def start_mesh(threads: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_mesh(threads: int, model: Path, device: str) -> tuple[subprocess.Popen[bytes], str]:
     from tandem import procs
 
     port = procs.free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", "--port", str(port),
                              "--grpc-port", str(procs.free_port()), "--router-port", "0",
-                             "--worker-base-port", "0", "--num-threads", str(threads)],
+                             "--worker-base-port", "0", "--num-threads", str(threads), "--model", str(model),
+                             "--device", device],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -158,24 +159,27 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the worker and in-process engine")
     parser.add_argument("--url", default=None, help="use a running frontend instead of starting one")
+    parser.add_argument("--model", type=Path, default=None, help="a model directory (default: SmolLM2-135M)")
+    parser.add_argument("--device", default="cpu", help="torch device of the worker and the in-process engine")
     args = parser.parse_args()
 
     import torch
 
     from tandem.engine.config import EngineConfig
     from tandem.engine.hf.engine import HFEngine
-    from tandem.models import DEFAULT_MODEL_NAME, resolve_model
+    from tandem.models import resolve_model, served_model_name
 
     torch.set_num_threads(args.threads)
-    model_path = resolve_model(None)
-    mesh_proc, url = (None, args.url) if args.url else start_mesh(args.threads)
-    engine = HFEngine(EngineConfig(model_path=model_path, num_threads=args.threads))
+    model_path = args.model or resolve_model(None)
+    model_name = served_model_name(model_path)
+    mesh_proc, url = (None, args.url) if args.url else start_mesh(args.threads, model_path, args.device)
+    engine = HFEngine(EngineConfig(model_path=model_path, num_threads=args.threads, device=args.device))
     await engine.start()
     rows = []
     try:
         texts = prompts(args.requests_per_level)
         await run_engine(engine, texts[:2], 2, 4)  # warm-up both paths
-        await run_mesh(url, DEFAULT_MODEL_NAME, texts[:2], 2, 4)
+        await run_mesh(url, model_name, texts[:2], 2, 4)
         for concurrency in args.concurrency:
             mesh_runs, engine_runs = [], []
             for i in range(args.runs):  # pairs, alternating which goes first
@@ -183,7 +187,7 @@ async def main() -> None:
                     if path == "engine":
                         engine_runs.append(await run_engine(engine, texts, concurrency, args.max_tokens))
                     else:
-                        mesh_runs.append(await run_mesh(url, DEFAULT_MODEL_NAME, texts, concurrency, args.max_tokens))
+                        mesh_runs.append(await run_mesh(url, model_name, texts, concurrency, args.max_tokens))
             e, m = summarize(engine_runs), summarize(mesh_runs)
             for name, s in (("engine", e), ("mesh", m)):
                 rows.append([concurrency, name, *(s[k] for k in s), ""])
@@ -196,7 +200,8 @@ async def main() -> None:
             mesh_proc.terminate()
             mesh_proc.wait(60)
     print(f"\n{args.requests_per_level} requests per level, {args.max_tokens} output tokens each, "
-          f"{args.runs} runs (medians; ratios: medians of paired runs), {args.threads} torch thread(s)\n")
+          f"{args.runs} runs (medians; ratios: medians of paired runs), {args.threads} torch thread(s), "
+          f"device {args.device}\n")
     print(table(["conc", "path", "req/s", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
                  "TTFT ratio spread"], rows))
 

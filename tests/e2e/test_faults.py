@@ -127,7 +127,7 @@ async def test_sigkill_a_worker_mid_stream_greedy_texts_are_unchanged(
     assert "decode-1" not in mesh.healthy_workers()
     # The router saw the process exit (same host) rather than waiting for its sockets to close.
     exited = re.search(r'^tandem_router_workers_quarantined_total\{reason="exited"\} (\S+)$',
-                       httpx.get(mesh.router_metrics_url, timeout=10).text, re.MULTILINE)
+                       (await asyncio.to_thread(httpx.get, mesh.router_metrics_url, timeout=10)).text, re.MULTILINE)
     assert exited is not None and float(exited.group(1)) >= 1
     restart_worker(mesh, 1)  # not in a thread: see Child.start
 
