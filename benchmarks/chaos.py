@@ -230,8 +230,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                   for reason in ("unreachable", "stream_broken", "stalled", "worker_stalled")}
     detection = {kind: [f.detected_after_s for f in faults if f.kind == kind and f.detected_after_s is not None]
                  for kind in ("kill", "hang")}
-    # What the mesh itself takes once the dead process's sockets are closed.
-    detection["kill_after_sockets_closed"] = [f.detected_after_s - f.closed_after_s for f in faults
+    # Detection against the moment the kernel closed the dead process's sockets: negative when the
+    # router saw the process exiting (same host) before its connections could tell.
+    detection["kill_minus_sockets_closed"] = [f.detected_after_s - f.closed_after_s for f in faults
                                               if f.detected_after_s is not None and f.closed_after_s is not None]
     return {
         "duration_s": round(duration_s, 1), "workers": args.workers, "concurrency": args.concurrency,
