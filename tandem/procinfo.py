@@ -55,14 +55,17 @@ def pid_namespace() -> str:
     return f"{boot_id}/{namespace}"
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _split(raw: bytes) -> list[str]:
     """``/proc/<pid>/stat`` split after the command name (which may hold spaces and parentheses)."""
+    return raw[raw.rindex(b")") + 2:].decode("ascii").split()
+
+
+def _stat_fields(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as file:
-            raw = file.read()
+            return _split(file.read())
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return raw[raw.rindex(b")") + 2:].decode("ascii").split()
 
 
 def own_identity() -> ProcessIdentity:
@@ -77,20 +80,68 @@ def own_identity() -> ProcessIdentity:
     return ProcessIdentity(pid_namespace(), pid, int(fields[19]))  # field 22 of stat: starttime
 
 
-def probe(identity: ProcessIdentity) -> ProcessState:
-    """What ``identity`` is doing now, as far as this host can tell; one small /proc read."""
-    if not identity.known or identity.pid_namespace != pid_namespace():
-        return ProcessState.UNKNOWN
-    try:
-        fields = _stat_fields(identity.pid)
-    except (OSError, ValueError):
-        return ProcessState.UNKNOWN
-    if fields is None or int(fields[19]) != identity.start_ticks:
-        return ProcessState.GONE
+def is_local(identity: ProcessIdentity) -> bool:
+    """Whether ``identity``'s PID means the same process here (same kernel boot and PID namespace)."""
+    return identity.known and identity.pid_namespace == pid_namespace()
+
+
+def _state(fields: list[str]) -> ProcessState:
     # fields[0] is the state letter (field 3), fields[6] the kernel's task flags (field 9).
     if fields[0] in ("Z", "X", "x") or int(fields[6]) & _PF_EXITING:
         return ProcessState.EXITING
     return ProcessState.RUNNING
+
+
+class StatReader:
+    """``identity``'s ``/proc/<pid>/stat``, kept open and re-read in place.
+
+    A re-read costs a quarter of an open and read (measured: 58 against 246 µs right after a sleep
+    on a VM), and the open file stays bound to the process it was opened for: once that process
+    is reaped it reads ESRCH, whoever gets the PID next.
+    """
+
+    def __init__(self, identity: ProcessIdentity) -> None:
+        self.identity = identity
+        self._fd: int | None = None
+        self._gone = False
+
+    def state(self) -> ProcessState:
+        if self._gone:
+            return ProcessState.GONE
+        if not is_local(self.identity):
+            return ProcessState.UNKNOWN
+        try:
+            if self._fd is None:
+                self._fd = os.open(f"/proc/{self.identity.pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+                fields = _split(os.pread(self._fd, 4096, 0))
+                if int(fields[19]) != self.identity.start_ticks:  # the PID is another process's now
+                    return self._went()
+            else:
+                fields = _split(os.pread(self._fd, 4096, 0))
+        except (FileNotFoundError, ProcessLookupError):
+            return self._went()
+        except (OSError, ValueError, IndexError):
+            return ProcessState.UNKNOWN
+        return _state(fields)
+
+    def _went(self) -> ProcessState:
+        self._gone = True
+        self.close()
+        return ProcessState.GONE
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def probe(identity: ProcessIdentity) -> ProcessState:
+    """What ``identity`` is doing now, as far as this host can tell; one small /proc read."""
+    reader = StatReader(identity)
+    try:
+        return reader.state()
+    finally:
+        reader.close()
 
 
 def process_to_proto(identity: ProcessIdentity) -> router_pb2.ProcessIdentity:

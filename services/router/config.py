@@ -40,7 +40,7 @@ class RouterConfig:
     quarantine_min_s: float = 1.0  # a quarantined worker is restored no sooner than this
     # Workers on this host: their processes are checked this often for exiting (0: off), so a killed
     # one leaves routing in milliseconds rather than when the kernel has closed its sockets.
-    exit_poll_interval_s: float = 0.005
+    exit_poll_interval_s: float = 0.02
     # Where workers are listed: "embedded" (they register over RegisterWorker) or "consul".
     registry: str = "embedded"
     consul_address: str = "127.0.0.1:8500"

@@ -24,10 +24,11 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from services.router.exit_watch import ExitWatch
 from services.router.registry import WorkerRegistry, WorkerSnapshot
 from tandem import procinfo
 from tandem.grpc_server import CHANNEL_OPTIONS
-from tandem.procinfo import ProcessIdentity, ProcessState
+from tandem.procinfo import ProcessIdentity
 
 log = structlog.get_logger("router")
 
@@ -55,7 +56,7 @@ class HealthWatchConfig:
     # the quarantine, so one lucky probe cannot undo a fresh failure report.
     min_quarantine_s: float = 1.0
     # How often the processes of workers on this host are checked for exiting; 0 turns it off.
-    exit_poll_interval_s: float = 0.005
+    exit_poll_interval_s: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("probe_interval_s", "probe_timeout_s"):
@@ -106,12 +107,8 @@ class _Watched:
     address: str
     task: asyncio.Task[None]
     last_alive_s: float
-    # The worker's process as registered; whether it runs on this host, so that its exit can be
-    # seen in /proc; the last time a poll found it running, and whether it has been seen exiting.
+    # The worker's process as registered (its exit is watched when it runs on this host).
     process: ProcessIdentity | None = None
-    local: bool = False
-    running_seen_s: float = 0.0
-    exited: bool = False
     # Connection failures count only once the worker has answered here at least once: a worker that
     # never did (an advertised address nobody listens on) is left to its registration and to callers.
     contacted: bool = False
@@ -133,22 +130,26 @@ class WorkerHealthMonitor:
         self._watched: dict[str, _Watched] = {}
         self._quarantined: dict[str, _Quarantine] = {}
         self._sync_task: asyncio.Task[None] | None = None
-        self._exit_task: asyncio.Task[None] | None = None
+        self._exit_watch: ExitWatch | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._sync_task is None:
             self._sync_task = asyncio.create_task(self._follow_registry(), name="health-watch")
-        if self._exit_task is None and self._config.exit_poll_interval_s > 0:
-            self._exit_task = asyncio.create_task(self._watch_exits(), name="exit-watch")
+        if self._exit_watch is None and self._config.exit_poll_interval_s > 0:
+            self._exit_watch = ExitWatch(self._config.exit_poll_interval_s, self._exited, asyncio.get_running_loop(),
+                                         clock=self._clock)
+            self._exit_watch.start()
 
     async def stop(self) -> None:
         tasks = [watched.task for watched in self._watched.values()]
-        for task in (self._sync_task, self._exit_task):
-            if task is not None:
-                tasks.append(task)
-        self._sync_task = self._exit_task = None
+        if self._sync_task is not None:
+            tasks.append(self._sync_task)
+            self._sync_task = None
+        if self._exit_watch is not None:
+            self._exit_watch.stop()
+            self._exit_watch = None
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -260,29 +261,16 @@ class WorkerHealthMonitor:
         for worker_id, (address, process) in listed.items():
             if worker_id not in self._watched:
                 task = asyncio.create_task(self._watch(worker_id, address), name=f"health-{worker_id}")
-                now = self._clock()
-                local = process is not None and procinfo.probe(process) is not ProcessState.UNKNOWN
-                self._watched[worker_id] = _Watched(address, task, now, process, local, now)
-                if local:
-                    self.poll_exits()  # a worker that died before it was first seen leaves at once
+                self._watched[worker_id] = _Watched(address, task, self._clock(), process)
+        if self._exit_watch is not None:
+            self._exit_watch.watch({worker_id: watched.process for worker_id, watched in self._watched.items()
+                                    if watched.process is not None and procinfo.is_local(watched.process)})
 
-    async def _watch_exits(self) -> None:
-        while True:
-            await asyncio.sleep(self._config.exit_poll_interval_s)
-            self.poll_exits()
-
-    def poll_exits(self) -> None:
-        """Quarantine every watched worker on this host whose process is exiting or gone."""
-        for worker_id, watched in self._watched.items():
-            if not watched.local or watched.exited or watched.process is None:
-                continue
-            state = procinfo.probe(watched.process)
-            now = self._clock()
-            if state is ProcessState.RUNNING:
-                watched.running_seen_s = now
-            elif state is not ProcessState.UNKNOWN:
-                watched.exited = True
-                self.quarantine(worker_id, EXITED, now - watched.running_seen_s)
+    def _exited(self, worker_id: str, process: ProcessIdentity, silent_s: float) -> None:
+        """The exit watch saw ``worker_id``'s process exiting or gone (on the event loop)."""
+        watched = self._watched.get(worker_id)
+        if watched is not None and watched.process == process:
+            self.quarantine(worker_id, EXITED, silent_s)
 
     async def _watch(self, worker_id: str, address: str) -> None:
         async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:

@@ -12,6 +12,7 @@ import time
 from tandem.procinfo import (
     ProcessIdentity,
     ProcessState,
+    StatReader,
     own_identity,
     pid_namespace,
     probe,
@@ -67,3 +68,18 @@ def test_the_identity_round_trips_through_consul_metadata() -> None:
     assert process_from_meta(process_meta(me)) == me
     assert process_from_meta({"model": "m"}) is None
     assert process_from_meta({**process_meta(me), "process_pid": "not a number"}) is None
+
+
+def test_a_kept_open_stat_file_follows_its_process_not_its_pid() -> None:
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    reader = StatReader(ProcessIdentity(**json.loads(child.stdout.readline())))
+    try:
+        assert reader.state() is ProcessState.RUNNING
+        assert reader.state() is ProcessState.RUNNING  # re-read in place
+        child.send_signal(signal.SIGKILL)
+        child.wait()  # reaped: its PID may now go to anyone, the open file reads ESRCH
+        assert reader.state() is ProcessState.GONE
+        assert reader.state() is ProcessState.GONE
+    finally:
+        reader.close()
