@@ -14,8 +14,6 @@ the copy; a copy that ends later is thrown away. Nothing crosses a network, so n
 
 from __future__ import annotations
 
-import os
-import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ import torch
 from tandem.engine.types import KVLayout
 from tandem.kv.transfer.chunks import TORCH_DTYPES
 from tandem.kv.transfer.shm import Segment, SegmentReader
+from tandem.kv.transfer.sweep import owner_token
 
 _NAME_PREFIX = "tandem-kv-pool-"
 
@@ -62,7 +61,7 @@ class SharedKvPool:
 
     def __init__(self, shm_dir: str, layout: KVLayout, num_slots: int) -> None:
         per_tensor = _pool_bytes(layout, num_slots)
-        path = Path(shm_dir) / f"{_NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        path = Path(shm_dir) / f"{_NAME_PREFIX}{owner_token()}"  # names say who made them: see sweep.py
         self.path = path
         self._segment = Segment(path, 2 * per_tensor, create=True, populate=True)  # reads as zeros
         self.k = _tensor(self._segment.view(0, per_tensor), layout, num_slots)

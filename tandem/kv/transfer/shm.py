@@ -12,11 +12,12 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import secrets
 from collections import OrderedDict
 from pathlib import Path
 
 import structlog
+
+from tandem.kv.transfer.sweep import owner_token
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +63,7 @@ class SegmentPool:
     def __init__(self, shm_dir: str, max_free_bytes: int) -> None:
         self.shm_dir = Path(shm_dir)
         self.max_free_bytes = max_free_bytes
-        self._token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._token = owner_token()  # names say who made them: see sweep.py
         self._counter = 0
         self._in_use: dict[str, Segment] = {}
         self._free: list[Segment] = []
