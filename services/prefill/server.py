@@ -27,6 +27,7 @@ from tandem.kv.transfer.export import GrpcChunkExporter, ShmChunkExporter
 from tandem.kv.transfer.host import host_id
 from tandem.kv.transfer.metrics import ExportMetrics
 from tandem.kv.transfer.protocol import ChunkExporter, PrefillEngine
+from tandem.kv.transfer.sweep import sweep_orphans
 from tandem.models import resolve_model
 from tandem.procinfo import own_identity, process_to_proto
 from tandem.proto.kv.v1 import kv_pb2
@@ -115,6 +116,8 @@ class PrefillWorker:
 
 async def serve(config: PrefillConfig, *, engine_factory: EngineFactory = create_engine) -> PrefillWorker:
     """Bind (NOT_SERVING), load the engine, report SERVING, then register with the router as a prefill worker."""
+    # What a killed predecessor left in shared memory, before this worker makes files of its own.
+    await asyncio.to_thread(sweep_orphans, config.shm_dir)
     model_path = await asyncio.to_thread(resolve_model, config.model or None)
     metrics = DecodeMetrics(CollectorRegistry())
     export_metrics = ExportMetrics(metrics.registry)
