@@ -245,9 +245,11 @@ class GrpcKvPuller(_StreamingPuller):
 
 
 # Pool-to-pool copies: up to this many bytes on the event loop (a fraction of a millisecond; handing
-# them to a thread costs about as much as the copy), else in parts of at least _SPLIT_BYTES.
+# them to a thread costs about as much as the copy). Larger copies are cut into parts of at least
+# _SPLIT_BYTES: the copy threads take all but the first, which the loop copies meanwhile (at most
+# _INLINE_BYTES of it, so other streams' tokens wait no longer than that copy).
 _INLINE_BYTES = 4 * 1024 * 1024
-_SPLIT_BYTES = 8 * 1024 * 1024
+_SPLIT_BYTES = 4 * 1024 * 1024
 
 
 class ShmKvPuller(_StreamingPuller):
@@ -289,19 +291,22 @@ class ShmKvPuller(_StreamingPuller):
         except (OSError, ValueError) as error:
             raise KvTransferError(f"cannot map the prefill worker's pool: {error}", "shm") from error
         block_ids = handle.block_ids[first_block:]
-        num_bytes = len(block_ids) * handle.layout.bytes_per_block_layer * handle.layout.num_layers
+        bytes_per_block = handle.layout.bytes_per_block_layer * handle.layout.num_layers
+        num_bytes = len(block_ids) * bytes_per_block
         if num_bytes <= _INLINE_BYTES:
-            try:
-                sink.copy_from_pool(first_block, source_k, source_v, block_ids)
-            except (OSError, ValueError, RuntimeError) as error:
-                raise KvTransferError(f"copying from the prefill worker's pool failed: {error!r}", "shm") from error
+            self._copy_inline(sink, first_block, source_k, source_v, block_ids)
             return self._pool_result(handle, num_bytes, 1, started)
-        num_parts = max(1, min(self.settings.num_copy_threads, num_bytes // _SPLIT_BYTES, len(block_ids)))
-        bounds = [len(block_ids) * i // num_parts for i in range(num_parts + 1)]
+        # The loop's share first, then the threads' parts, each at least _SPLIT_BYTES.
+        num_threads = self.settings.num_copy_threads
+        inline = min(max(1, _INLINE_BYTES // bytes_per_block), max(1, len(block_ids) // (num_threads + 1)))
+        rest = len(block_ids) - inline
+        num_parts = max(1, min(num_threads, rest * bytes_per_block // _SPLIT_BYTES, rest))
+        bounds = [inline + rest * i // num_parts for i in range(num_parts + 1)]
         loop = asyncio.get_running_loop()
         copies = [loop.run_in_executor(self._executor, sink.copy_from_pool, first_block + start, source_k, source_v,
                                        block_ids[start:end]) for start, end in itertools.pairwise(bounds)]
         try:
+            self._copy_inline(sink, first_block, source_k, source_v, block_ids[:inline])
             await asyncio.wait(copies)
         finally:
             # Never return (or raise) while a copy into the reservation is still running: the caller
@@ -311,7 +316,15 @@ class ShmKvPuller(_StreamingPuller):
         errors = [copy.exception() for copy in copies if copy.exception() is not None]
         if errors:
             raise KvTransferError(f"copying from the prefill worker's pool failed: {errors[0]!r}", "shm") from errors[0]
-        return self._pool_result(handle, num_bytes, len(copies), started)
+        return self._pool_result(handle, num_bytes, len(copies) + 1, started)
+
+    @staticmethod
+    def _copy_inline(sink: KvSink, first_block: int, source_k: torch.Tensor, source_v: torch.Tensor,
+                     block_ids: Sequence[int]) -> None:
+        try:
+            sink.copy_from_pool(first_block, source_k, source_v, block_ids)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise KvTransferError(f"copying from the prefill worker's pool failed: {error!r}", "shm") from error
 
     def _pool_result(self, handle: TransferHandle, num_bytes: int, num_parts: int, started: float) -> PullResult:
         assert handle.lease_deadline_s is not None

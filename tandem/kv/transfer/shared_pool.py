@@ -108,9 +108,9 @@ def copy_blocks(source_k: torch.Tensor, source_v: torch.Tensor, source_ids: Sequ
     Pools are [layers, slots, kv_heads, head_dim]; each stretch of consecutive ids on both sides
     is one strided copy per tensor, straight from pool to pool.
     """
-    num_slots = source_k.shape[1]
-    if any(not 0 <= block < num_slots // block_size for block in source_ids):
-        raise ValueError(f"a source block id is outside the pool's {num_slots // block_size} blocks")
+    num_blocks = source_k.shape[1] // block_size
+    if source_ids and (min(source_ids) < 0 or max(source_ids) >= num_blocks):
+        raise ValueError(f"a source block id is outside the pool's {num_blocks} blocks")
     views = [(_byte_blocks(source, block_size), _byte_blocks(target, block_size))
              for source, target in ((source_k, target_k), (source_v, target_v))]
     for source_start, target_start, length in _runs(source_ids, target_ids):
