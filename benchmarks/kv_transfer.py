@@ -8,7 +8,10 @@ scattering them into the decode side's (as in a real transfer); memcpy and TCP m
 buffer. The prefill side's pool is in shared memory, as a prefill worker's on a CPU: "shm" copies
 blocks pool to pool (no PullKv call); "shm staged+crc" goes through staging segments with CRC-32C
 (the path of a GPU pool, or of --verify-shm-checksums). Every figure is the median of --runs timed
-runs after one warm-up, in GB/s (1e9 bytes).
+runs after one warm-up (four times as many under 32 MB), in GB/s (1e9 bytes). Each "prefill"
+writes its blocks once, as a model does just before a transfer. memcpy is one contiguous copy of
+as many bytes timed just before each shm pull, and shm/memcpy is the median of the per-run ratios:
+pairing cancels the host's drift, which at 3-12 MB moved a lone memcpy figure by 2x between runs.
 Usage: python benchmarks/kv_transfer.py [--tokens 256 2048 8192] [--runs 5] [--threads 1]
 """
 
@@ -69,7 +72,8 @@ def _serve(shape: str, num_blocks: int, threads: int, shm_dir: str, ready: mp.Qu
         from tandem.kv.transfer.synthetic import SyntheticPrefillEngine
         from tandem.proto.kv.v1 import kv_pb2
 
-        engine = SyntheticPrefillEngine(_layout(shape), num_blocks, refill=False, shm_dir=shm_dir)
+        # Each "prefill" writes its blocks once (as a model would, just before the transfer).
+        engine = SyntheticPrefillEngine(_layout(shape), num_blocks, refill=False, touch=True, shm_dir=shm_dir)
         engine.fill(list(range(num_blocks)), seed=1)
         service = GrpcService("127.0.0.1", 0, [SERVICE_NAME])
         address = f"127.0.0.1:{service.port}"
@@ -91,20 +95,6 @@ def _serve(shape: str, num_blocks: int, threads: int, shm_dir: str, ready: mp.Qu
 
 
 # -- baselines ----------------------------------------------------------------------------------------
-
-def memcpy_gbps(num_bytes: int, runs: int) -> float:
-    import torch
-
-    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # touch the pages
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - started)
-    return num_bytes / median(times) / 1e9
-
 
 def _tcp_sender(port: int, num_bytes: int, runs: int) -> None:
     buf = bytearray(os.urandom(1 << 20)) * (num_bytes >> 20) + bytearray(num_bytes % (1 << 20))
@@ -141,7 +131,9 @@ def tcp_gbps(num_bytes: int, runs: int) -> float:
 # -- the transfer paths ------------------------------------------------------------------------------
 
 async def _pull_gbps(address: str, shape: str, num_tokens: int, runs: int, make_puller: Callable[[], object],
-                     protobuf_client: bool = False, scattered: bool = False) -> float:
+                     protobuf_client: bool = False, scattered: bool = False) -> tuple[float, float, float]:
+    """Median GB/s of the pulls, median GB/s of a memcpy of as many bytes timed just before each
+    pull, and the median of the per-run (pull / memcpy) ratios."""
     import grpc
 
     from tandem.kv.transfer.synthetic import SyntheticKvPool
@@ -163,8 +155,13 @@ async def _pull_gbps(address: str, shape: str, num_tokens: int, runs: int, make_
             sink_pool.copy_blocks_from(block_ids[block_index : block_index + len(source_block_ids)], source_k,
                                        source_v, source_block_ids)
 
+    import torch
+
     puller = make_puller()
-    times = []
+    num_bytes = num_tokens * layout.bytes_per_block_layer * layout.num_layers // BLOCK_SIZE
+    copy_src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
+    copy_dst = torch.empty_like(copy_src)
+    times, copy_times = [], []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = kv_pb2_grpc.PrefillServiceStub(channel)
         for run in range(runs + 1):
@@ -172,15 +169,20 @@ async def _pull_gbps(address: str, shape: str, num_tokens: int, runs: int, make_
             reply = await stub.Prefill(kv_pb2.PrefillRequest(request_id=f"bench-{run}", prompt_token_ids=[1] * num_tokens))
             handle = handle_from_proto(reply.handle, address, sent_at + reply.handle.lease_ms / 1000)
             started = time.perf_counter()
+            copy_dst.copy_(copy_src)
+            copy_time = time.perf_counter() - started
+            started = time.perf_counter()
             if protobuf_client:
                 await _naive_pull(stub, handle, Sink())
             else:
                 await puller.pull(handle, 0, Sink(), timeout_s=120)  # type: ignore[attr-defined]
             if run:
                 times.append(time.perf_counter() - started)
+                copy_times.append(copy_time)
             await stub.ReleaseKv(kv_pb2.ReleaseKvRequest(transfer_id=handle.transfer_id))
     await puller.close()  # type: ignore[attr-defined]
-    return num_tokens * layout.bytes_per_block_layer * layout.num_layers / BLOCK_SIZE / median(times) / 1e9
+    return (num_bytes / median(times) / 1e9, num_bytes / median(copy_times) / 1e9,
+            median([c / t for c, t in zip(copy_times, times, strict=True)]))
 
 
 async def _naive_pull(stub, handle, sink) -> None:  # type: ignore[no-untyped-def]
@@ -257,8 +259,8 @@ def _measure_shape(args: argparse.Namespace, shape: str, shm_dir: str) -> list[l
     try:
         for num_tokens in args.tokens:
             num_bytes = num_tokens * layout.num_layers * layout.bytes_per_block_layer // BLOCK_SIZE
-            memcpy = memcpy_gbps(num_bytes, args.runs)
-            tcp = tcp_gbps(num_bytes, args.runs)
+            runs = args.runs * 4 if num_bytes < 32e6 else args.runs  # small copies are noisier
+            tcp = tcp_gbps(num_bytes, runs)
 
             def grpc_puller(streams: int) -> Callable[[], object]:
                 settings = PullSettings(max_chunk_bytes=chunk, num_streams=streams,
@@ -270,16 +272,19 @@ def _measure_shape(args: argparse.Namespace, shape: str, shm_dir: str) -> list[l
                                         verify_shm_checksums=verify, num_copy_threads=args.copy_threads)
                 return lambda: ShmKvPuller(settings, ChannelPool(1), SegmentReader(shm_dir))
 
-            naive = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, grpc_puller(1), True, args.scattered))
-            by_streams = {s: asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, grpc_puller(s), scattered=args.scattered))
-                          for s in args.streams}
+            def pull(make: Callable[[], object], naive: bool = False, num_tokens: int = num_tokens,
+                     runs: int = runs) -> tuple[float, float, float]:
+                return asyncio.run(_pull_gbps(address, shape, num_tokens, runs, make, naive, args.scattered))
+
+            naive = pull(grpc_puller(1), True)[0]
+            by_streams = {s: pull(grpc_puller(s))[0] for s in args.streams}
             best_streams = max(by_streams, key=by_streams.__getitem__)
-            shm = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, shm_puller(False), scattered=args.scattered))
-            shm_crc = asyncio.run(_pull_gbps(address, shape, num_tokens, args.runs, shm_puller(True), scattered=args.scattered))
+            shm, memcpy, shm_ratio = pull(shm_puller(False))
+            shm_crc = pull(shm_puller(True))[0]
             best = by_streams[best_streams]
             rows.append([shape, num_tokens, round(num_bytes / 1e6, 1), memcpy, tcp, naive,
                          *(by_streams[s] for s in args.streams), f"{best / tcp:.0%}", shm, shm_crc,
-                         f"{shm / memcpy:.0%}"])
+                         f"{shm_ratio:.0%}"])
             print(f"  {shape} {num_tokens} tokens done", flush=True)
     finally:
         server.kill()

@@ -57,6 +57,14 @@ class SyntheticKvPool:
         if self.shared is not None:
             self.shared.close()
 
+    def touch(self, block_ids: list[int]) -> None:
+        """Read and write every slot of ``block_ids`` in place (times one: the values stay as they are)."""
+        size = self.layout.block_size
+        for cache in (self.k_cache, self.v_cache):
+            blocks = cache.view(cache.shape[0], cache.shape[1] // size, -1)
+            for block in block_ids:
+                blocks[:, block].mul_(1)
+
     def fill(self, block_ids: list[int], seed: int) -> None:
         """Distinct, reproducible values in every slot of ``block_ids``."""
         generator = torch.Generator().manual_seed(seed)
@@ -72,10 +80,14 @@ class SyntheticPrefillEngine(SyntheticKvPool):
     model_name = "synthetic"
     max_model_len = 1 << 20
 
-    def __init__(self, layout: KVLayout, num_blocks: int, *, refill: bool = True, shm_dir: str | None = None) -> None:
-        """``refill=False`` leaves blocks as they are on prefill (benchmarks fill the pool once)."""
+    def __init__(self, layout: KVLayout, num_blocks: int, *, refill: bool = True, touch: bool = False,
+                 shm_dir: str | None = None) -> None:
+        """``refill=False`` leaves blocks as they are on prefill (benchmarks fill the pool once);
+        ``touch`` then still writes each pinned block once, cheaply, as a real prefill writes its KV
+        just before the transfer (so a transfer reads blocks as warm in the caches as a real one)."""
         super().__init__(layout, num_blocks, shm_dir)
         self._refill = refill
+        self._touch = touch
         self._free = list(range(num_blocks))
         self.pinned: dict[str, list[int]] = {}
         self._seeds = itertools.count(1)
@@ -101,6 +113,8 @@ class SyntheticPrefillEngine(SyntheticKvPool):
         blocks, self._free = self._free[:num_blocks], self._free[num_blocks:]
         if self._refill:
             self.fill(blocks, next(self._seeds))
+        elif self._touch:
+            self.touch(blocks)
         self.pinned[request.request_id] = blocks
         return PrefillResult(request.request_id, first_token_id=1, finish_reason=None,
                              num_prompt_tokens=len(request.prompt_token_ids), num_cached_tokens=0, block_ids=blocks)
