@@ -5,7 +5,9 @@ times against both, and prints req/s, output tokens/s, TTFT and ITL p50/p99 and 
 Both paths start the clock before tokenising the prompt (the frontend tokenises; so must an
 in-process caller). Runs alternate engine-first and mesh-first, and each ratio is the median of
 the ratios of adjacent (engine, mesh) pairs: shared machines drift by more than the mesh costs, and
-pairing cancels the drift. The spread column gives the lowest and highest pair ratio of TTFT p50.
+pairing cancels the drift. The spread column gives the lowest and highest pair ratio of TTFT p50;
+"step ms" is the mean forward pass of the in-process engine or of the mesh's worker (from its /metrics)
+during the runs, so a slower worker step tells apart from relay costs.
 Usage: python benchmarks/load.py [--concurrency 1 4 16] [--runs 5] [--max-tokens 48]
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -35,30 +38,60 @@ class RunResult:
     output_tokens: int = 0
     requests: int = 0
     wall_s: float = 0.0
+    step_s: float = 0.0  # forward passes of the engine (in-process) or the worker (mesh) during the run
+    steps: int = 0
+
+
+class StepClock:
+    """The in-process engine's on_step callback: forward passes and their time, summed."""
+
+    def __init__(self) -> None:
+        self.total_s = 0.0
+        self.count = 0
+
+    def __call__(self, step) -> None:  # type: ignore[no-untyped-def]
+        self.total_s += step.duration_s
+        self.count += 1
+
+
+def worker_steps(metrics_url: str | None) -> tuple[float, int]:
+    """(seconds, count) of the worker's tandem_worker_step_duration_seconds histogram."""
+    if metrics_url is None:
+        return 0.0, 0
+    import httpx
+
+    text = httpx.get(metrics_url, timeout=10).text
+    total = re.search(r"^tandem_worker_step_duration_seconds_sum (\S+)$", text, re.M)
+    count = re.search(r"^tandem_worker_step_duration_seconds_count (\S+)$", text, re.M)
+    return (float(total.group(1)), int(float(count.group(1)))) if total and count else (0.0, 0)
 
 
 def prompts(n: int) -> list[str]:
     return [f"Write a short story about {TOPICS[i % len(TOPICS)]} (variant {i})." for i in range(n)]
 
 
-async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max_tokens: int) -> RunResult:
-    import httpx
+async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max_tokens: int,
+                   metrics_url: str | None = None) -> RunResult:
+    """Stream ``texts`` through the frontend's /v1/completions with aiohttp's client: about 1 ms
+    cheaper a streamed request than httpx on a 2-core host (2-3 ms of TTFT), and the client is not the mesh."""
+    import aiohttp
 
     result = RunResult()
+    steps_before = worker_steps(metrics_url)
     sem = asyncio.Semaphore(concurrency)
 
-    async def one(client: httpx.AsyncClient, text: str) -> None:
+    async def one(session: aiohttp.ClientSession, text: str) -> None:
         async with sem:
             body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
             start = time.perf_counter()
             last = None
-            async with client.stream("POST", f"{url}/v1/completions", json=body) as reply:
+            async with session.post(f"{url}/v1/completions", json=body) as reply:
                 reply.raise_for_status()
-                async for line in reply.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
+                async for raw in reply.content:  # one SSE line at a time
+                    if not raw.startswith(b"data: {"):
+                        continue  # blank separators and data: [DONE]
+                    chunk = json.loads(raw[6:])
                     if chunk.get("usage"):
                         result.output_tokens += chunk["usage"]["completion_tokens"]
                     if not chunk.get("choices") or not chunk["choices"][0].get("text"):
@@ -72,16 +105,20 @@ async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max
             result.requests += 1
 
     started = time.perf_counter()
-    async with httpx.AsyncClient(timeout=600) as client:
-        await asyncio.gather(*(one(client, t) for t in texts))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        await asyncio.gather(*(one(session, t) for t in texts))
     result.wall_s = time.perf_counter() - started
+    steps_after = worker_steps(metrics_url)
+    result.step_s, result.steps = steps_after[0] - steps_before[0], steps_after[1] - steps_before[1]
     return result
 
 
-async def run_engine(engine, texts: list[str], concurrency: int, max_tokens: int) -> RunResult:  # type: ignore[no-untyped-def]
+async def run_engine(engine, texts: list[str], concurrency: int, max_tokens: int,  # type: ignore[no-untyped-def]
+                     clock: StepClock | None = None) -> RunResult:
     from tandem.engine.types import EngineRequest, SamplingParams
 
     result = RunResult()
+    steps_before = (clock.total_s, clock.count) if clock else (0.0, 0)
     sem = asyncio.Semaphore(concurrency)
     counter = iter(range(10**9))
 
@@ -108,6 +145,8 @@ async def run_engine(engine, texts: list[str], concurrency: int, max_tokens: int
     started = time.perf_counter()
     await asyncio.gather(*(one(t) for t in texts))
     result.wall_s = time.perf_counter() - started
+    if clock is not None:
+        result.step_s, result.steps = clock.total_s - steps_before[0], clock.count - steps_before[1]
     return result
 
 
@@ -119,6 +158,7 @@ def figures(run: RunResult) -> dict[str, float]:
         "ttft_p99_ms": percentile(run.ttft_s, 99) * 1e3,
         "itl_p50_ms": percentile(run.itl_s, 50) * 1e3,
         "itl_p99_ms": percentile(run.itl_s, 99) * 1e3,
+        "step_ms": run.step_s / run.steps * 1e3 if run.steps else float("nan"),
     }
 
 
@@ -133,13 +173,16 @@ def paired_ratios(mesh_runs: list[RunResult], engine_runs: list[RunResult]) -> d
     return {key: [m[key] / e[key] for m, e in pairs] for key in pairs[0][0]}
 
 
-def start_mesh(threads: int, model: Path, device: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_mesh(threads: int, model: Path, device: str) -> tuple[subprocess.Popen[bytes], str, str]:
+    """The mesh's process, its frontend URL and its one worker's metrics URL."""
     from tandem import procs
 
     port = procs.free_port()
+    worker_port = procs.free_port()  # the worker's metrics go on the next port
     proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", "--port", str(port),
                              "--grpc-port", str(procs.free_port()), "--router-port", "0",
-                             "--worker-base-port", "0", "--num-threads", str(threads), "--model", str(model),
+                             "--worker-base-port", str(worker_port), "--num-threads", str(threads),
+                             "--model", str(model),
                              "--device", device],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -148,7 +191,7 @@ def start_mesh(threads: int, model: Path, device: str) -> tuple[subprocess.Popen
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit("the mesh did not start")
         time.sleep(0.5)
-    return proc, url
+    return proc, url, f"http://127.0.0.1:{worker_port + 1}/metrics"
 
 
 async def main() -> None:
@@ -159,6 +202,7 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the worker and in-process engine")
     parser.add_argument("--url", default=None, help="use a running frontend instead of starting one")
+    parser.add_argument("--worker-metrics-url", default=None, help="with --url: its worker's /metrics (step times)")
     parser.add_argument("--model", type=Path, default=None, help="a model directory (default: SmolLM2-135M)")
     parser.add_argument("--device", default="cpu", help="torch device of the worker and the in-process engine")
     args = parser.parse_args()
@@ -172,8 +216,11 @@ async def main() -> None:
     torch.set_num_threads(args.threads)
     model_path = args.model or resolve_model(None)
     model_name = served_model_name(model_path)
-    mesh_proc, url = (None, args.url) if args.url else start_mesh(args.threads, model_path, args.device)
-    engine = HFEngine(EngineConfig(model_path=model_path, num_threads=args.threads, device=args.device))
+    mesh_proc, url, metrics_url = ((None, args.url, args.worker_metrics_url) if args.url
+                                   else start_mesh(args.threads, model_path, args.device))
+    clock = StepClock()
+    engine = HFEngine(EngineConfig(model_path=model_path, num_threads=args.threads, device=args.device),
+                      on_step=clock)
     await engine.start()
     rows = []
     try:
@@ -185,9 +232,10 @@ async def main() -> None:
             for i in range(args.runs):  # pairs, alternating which goes first
                 for path in (("engine", "mesh") if i % 2 == 0 else ("mesh", "engine")):
                     if path == "engine":
-                        engine_runs.append(await run_engine(engine, texts, concurrency, args.max_tokens))
+                        engine_runs.append(await run_engine(engine, texts, concurrency, args.max_tokens, clock))
                     else:
-                        mesh_runs.append(await run_mesh(url, model_name, texts, concurrency, args.max_tokens))
+                        mesh_runs.append(await run_mesh(url, model_name, texts, concurrency, args.max_tokens,
+                                                             metrics_url))
             e, m = summarize(engine_runs), summarize(mesh_runs)
             for name, s in (("engine", e), ("mesh", m)):
                 rows.append([concurrency, name, *(s[k] for k in s), ""])
@@ -203,7 +251,7 @@ async def main() -> None:
           f"{args.runs} runs (medians; ratios: medians of paired runs), {args.threads} torch thread(s), "
           f"device {args.device}\n")
     print(table(["conc", "path", "req/s", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
-                 "TTFT ratio spread"], rows))
+                 "step ms", "TTFT ratio spread"], rows))
 
 
 if __name__ == "__main__":
