@@ -19,7 +19,7 @@ from tandem.kv.transfer.settings import PullSettings
 from tandem.kv.transfer.shm import SegmentReader
 from tandem.kv.transfer.synthetic import SyntheticKvPool
 
-# 256 KiB a block (all layers, K and V): 64 blocks are 16 MiB, four times the inline bound.
+# 256 KiB a block (all layers, K and V): 64 blocks are 16 MiB, well over the inline bound.
 LAYOUT = KVLayout(num_layers=8, num_kv_heads=4, head_dim=64, block_size=16, dtype="float32")
 NUM_BLOCKS = 64
 
