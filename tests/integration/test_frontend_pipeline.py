@@ -91,7 +91,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
                                                              completion_tokens=self.num_tokens,
                                                              cached_prompt_tokens=1))
                 yield response
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # Cancelled in the sleep, or closed at a yield whose send was pending (as the real worker's
+            # handler sees it, depending on where the cancellation lands).
             self.cancelled.append(request.request_id)
             raise
 
