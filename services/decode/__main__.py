@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 
 from services.decode.config import DecodeConfig, parse_args
@@ -18,10 +17,8 @@ async def run(config: DecodeConfig) -> None:
 
 def main() -> None:
     configure_logging("decode")
-    # Back torch's large CPU buffers (KV pool, activations) with transparent huge pages before the
-    # first allocation: a killed worker's memory is then torn down in milliseconds instead of ~0.1 ms
-    # per MB, and the kernel closes its sockets - what tells the frontend and router it died - only after.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # The KV pool is in transparent huge pages (see tandem.engine.hf.model_runner), so a killed
+    # worker's memory goes fast; torch's THP_MEM_ALLOC_ENABLE is left alone (it slowed every step).
     config = parse_args()
     try:
         asyncio.run(run(config))

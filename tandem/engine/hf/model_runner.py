@@ -9,6 +9,8 @@ to that request's blocks only.
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,27 @@ def _register_attention() -> None:
     AttentionInterface.register(ATTENTION_NAME, paged_attention)
 
 
+def _huge_page_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor in its own private anonymous mapping, advised for transparent huge pages.
+
+    The KV pool is most of a worker's memory. In huge pages a SIGKILLed worker's address space is
+    torn down in milliseconds rather than ~0.1 ms a MB, and the kernel closes its sockets (what
+    tells peers on other hosts that it died) only after that. Only the pool: torch's own
+    THP_MEM_ALLOC_ENABLE puts every large temporary in huge pages too, which made each decode step
+    of SmolLM2-135M on a CPU 6-10% slower (huge-page faults on every step's fresh buffers).
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    num_bytes = max(1, math.prod(shape) * itemsize)
+    mapping = mmap.mmap(-1, num_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # THP disabled or unsupported: ordinary pages, same tensor
+            pass
+    # The tensor holds a reference to the mapping, which lives as long as the tensor does.
+    return torch.frombuffer(mapping, dtype=dtype).view(shape)
+
+
 class ModelRunner:
     """Owns the model weights and the KV pool of one engine. Called only from the step thread."""
 
@@ -99,8 +122,11 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (self.num_layers, num_blocks * block_size, self.num_kv_heads, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":
+            self.k_cache, self.v_cache = _huge_page_tensor(shape, self.dtype), _huge_page_tensor(shape, self.dtype)
+        else:
+            self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._slot_offsets = torch.arange(block_size, device=self.device)
 
     @property
