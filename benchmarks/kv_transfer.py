@@ -12,6 +12,11 @@ runs after one warm-up (four times as many under 32 MB), in GB/s (1e9 bytes). Ea
 writes its blocks once, as a model does just before a transfer. memcpy is one contiguous copy of
 as many bytes timed just before each shm pull, and shm/memcpy is the median of the per-run ratios:
 pairing cancels the host's drift, which at 3-12 MB moved a lone memcpy figure by 2x between runs.
+"grpc ceiling Np" is what Python gRPC itself moves on this host: N pairs of bare grpcio processes
+streaming one in-cache message of the chunk size over and over, with no gathering, checksum or
+landing; grpcio copies each message once on the sender and twice on the receiver (slices into
+bytes objects, then joined), all holding the interpreter lock, so one process pair is the bound
+for any transfer served and pulled by one process each.
 Usage: python benchmarks/kv_transfer.py [--tokens 256 2048 8192] [--runs 5] [--threads 1]
 """
 
@@ -128,6 +133,89 @@ def tcp_gbps(num_bytes: int, runs: int) -> float:
     return num_bytes / median(times) / 1e9
 
 
+_RAW_SERVICE = "tandem.bench.RawStream"
+
+
+def _raw_grpc_server(chunk_bytes: int, ready: mp.Queue) -> None:  # type: ignore[type-arg]
+    """A bare grpcio server that streams one prebuilt message (in cache) as many times as asked."""
+    import grpc
+
+    from tandem.grpc_server import SERVER_OPTIONS
+    from tandem.kv.transfer.tuning import keep_large_buffers_in_heap
+
+    keep_large_buffers_in_heap()
+    payload = os.urandom(chunk_bytes)
+
+    async def pull(request: str, context: object):  # type: ignore[no-untyped-def]
+        for _ in range(int(request)):
+            yield payload
+
+    async def main() -> None:
+        handler = grpc.method_handlers_generic_handler(_RAW_SERVICE, {"Pull": grpc.unary_stream_rpc_method_handler(
+            pull, request_deserializer=bytes.decode)})
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ready.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def _raw_grpc_client(port: int, num_chunks: int, runs: int, barrier, spans: mp.Queue) -> None:  # type: ignore[no-untyped-def,type-arg]
+    """Pull ``num_chunks`` messages per run, discarding them; report each run's (start, end)."""
+    import grpc
+
+    from tandem.kv.transfer.pull import TRANSFER_CHANNEL_OPTIONS
+    from tandem.kv.transfer.tuning import keep_large_buffers_in_heap
+
+    keep_large_buffers_in_heap()
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=TRANSFER_CHANNEL_OPTIONS) as channel:
+            call = channel.unary_stream(f"/{_RAW_SERVICE}/Pull", request_serializer=str.encode)
+            for run in range(runs + 1):
+                await asyncio.to_thread(barrier.wait)
+                started = time.monotonic()  # system-wide: comparable across the client processes
+                async for _ in call(str(num_chunks)):
+                    pass
+                if run:  # the first run opens the connection
+                    spans.put((run, started, time.monotonic()))
+
+    asyncio.run(main())
+
+
+def grpc_ceiling_gbps(num_bytes: int, chunk_bytes: int, runs: int, processes: int) -> float:
+    """The Python gRPC ceiling: bare grpcio streams of in-cache messages, ``processes`` server/client
+    pairs each moving a share of ``num_bytes``; GB/s over the span from the first start to the last end."""
+    context = mp.get_context("spawn")
+    ready: mp.Queue = context.Queue()  # type: ignore[type-arg]
+    spans: mp.Queue = context.Queue()  # type: ignore[type-arg]
+    barrier = context.Barrier(processes)
+    num_chunks = max(1, -(-num_bytes // (chunk_bytes * processes)))
+    servers = [context.Process(target=_raw_grpc_server, args=(chunk_bytes, ready), daemon=True)
+               for _ in range(processes)]
+    for server in servers:
+        server.start()
+    clients = []
+    try:
+        ports = [ready.get(timeout=60) for _ in servers]
+        clients = [context.Process(target=_raw_grpc_client, args=(port, num_chunks, runs, barrier, spans), daemon=True)
+                   for port in ports]
+        for client in clients:
+            client.start()
+        by_run: dict[int, list[tuple[float, float]]] = {}
+        for _ in range(runs * processes):
+            run, started, ended = spans.get(timeout=120)
+            by_run.setdefault(run, []).append((started, ended))
+        moved = num_chunks * chunk_bytes * processes
+        return moved / median([max(e for _, e in s) - min(b for b, _ in s) for s in by_run.values()]) / 1e9
+    finally:
+        for process in [*clients, *servers]:
+            process.kill()
+
+
 # -- the transfer paths ------------------------------------------------------------------------------
 
 async def _pull_gbps(address: str, shape: str, num_tokens: int, runs: int, make_puller: Callable[[], object],
@@ -208,6 +296,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each process (workers use 1 here)")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4], help="parallel PullKv streams to try")
     parser.add_argument("--chunk-kib", type=int, default=3072, help="chunk bound of the gRPC path")
+    parser.add_argument("--ceiling-processes", type=int, nargs="+", default=[1, 2],
+                        help="bare-grpcio ceilings to measure: server/client process pairs (the first is the ratio's)")
     parser.add_argument("--shm-chunk-kib", type=int, default=3072, help="chunk bound of the shm path")
     parser.add_argument("--export-threads", type=int, default=2, help="prefill side: threads preparing chunks")
     parser.add_argument("--copy-threads", type=int, default=2, help="decode side: threads landing chunks")
@@ -235,8 +325,9 @@ def main() -> None:
             rows.extend(_measure_shape(args, shape, shm_dir))
     finally:
         shutil.rmtree(shm_dir, ignore_errors=True)
-    headers = ["shape", "tokens", "MB", "memcpy", "tcp", "grpc naive",
-               *(f"grpc x{s}" for s in args.streams), "best grpc/tcp", "shm", "shm staged+crc", "shm/memcpy"]
+    headers = ["shape", "tokens", "MB", "memcpy", "tcp", *(f"grpc ceiling {n}p" for n in args.ceiling_processes),
+               "grpc naive", *(f"grpc x{s}" for s in args.streams), "best grpc/tcp", "best grpc/ceiling 1p", "shm",
+               "shm staged+crc", "shm/memcpy"]
     print()
     print(table(headers, rows))
 
@@ -261,6 +352,7 @@ def _measure_shape(args: argparse.Namespace, shape: str, shm_dir: str) -> list[l
             num_bytes = num_tokens * layout.num_layers * layout.bytes_per_block_layer // BLOCK_SIZE
             runs = args.runs * 4 if num_bytes < 32e6 else args.runs  # small copies are noisier
             tcp = tcp_gbps(num_bytes, runs)
+            ceilings = [grpc_ceiling_gbps(num_bytes, chunk, runs, n) for n in args.ceiling_processes]
 
             def grpc_puller(streams: int) -> Callable[[], object]:
                 settings = PullSettings(max_chunk_bytes=chunk, num_streams=streams,
@@ -282,9 +374,9 @@ def _measure_shape(args: argparse.Namespace, shape: str, shm_dir: str) -> list[l
             shm, memcpy, shm_ratio = pull(shm_puller(False))
             shm_crc = pull(shm_puller(True))[0]
             best = by_streams[best_streams]
-            rows.append([shape, num_tokens, round(num_bytes / 1e6, 1), memcpy, tcp, naive,
-                         *(by_streams[s] for s in args.streams), f"{best / tcp:.0%}", shm, shm_crc,
-                         f"{shm_ratio:.0%}"])
+            rows.append([shape, num_tokens, round(num_bytes / 1e6, 1), memcpy, tcp, *ceilings, naive,
+                         *(by_streams[s] for s in args.streams), f"{best / tcp:.0%}", f"{best / ceilings[0]:.0%}",
+                         shm, shm_crc, f"{shm_ratio:.0%}"])
             print(f"  {shape} {num_tokens} tokens done", flush=True)
     finally:
         server.kill()
