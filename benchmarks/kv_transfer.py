@@ -326,7 +326,7 @@ def main() -> None:
     finally:
         shutil.rmtree(shm_dir, ignore_errors=True)
     headers = ["shape", "tokens", "MB", "memcpy", "tcp", *(f"grpc ceiling {n}p" for n in args.ceiling_processes),
-               "grpc naive", *(f"grpc x{s}" for s in args.streams), "best grpc/tcp", "best grpc/ceiling 1p", "shm",
+               "grpc naive", *(f"grpc x{s}" for s in args.streams), "best grpc/tcp", f"best grpc/ceiling {args.ceiling_processes[0]}p", "shm",
                "shm staged+crc", "shm/memcpy"]
     print()
     print(table(headers, rows))
