@@ -16,8 +16,10 @@ pairing cancels the host's drift, which at 3-12 MB moved a lone memcpy figure by
 streaming one in-cache message of the chunk size over and over, with no gathering, checksum or
 landing; grpcio copies each message once on the sender and twice on the receiver (slices into
 bytes objects, then joined), all holding the interpreter lock, so one process pair is the bound
-for any transfer served and pulled by one process each.
-Usage: python benchmarks/kv_transfer.py [--tokens 256 2048 8192] [--runs 5] [--threads 1]
+for any transfer served and pulled by one process each. "grpc N+N proc" is PullKv served by N
+exporter processes of the prefill side and pulled by N pull helper processes of the decode side
+(--kv-export-processes / --kv-pull-processes), over both sides' pools in shared memory.
+Usage: python benchmarks/kv_transfer.py [--tokens 256 2048 8192] [--runs 5] [--threads 1] [--processes 2 4]
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _layout(shape: str):  # type: ignore[no-untyped-def]
 # -- the prefill side: a real PrefillServicer over a synthetic pool, in its own process ---------------
 
 def _serve(shape: str, num_blocks: int, threads: int, shm_dir: str, ready: mp.Queue,  # type: ignore[type-arg]
-           export_threads: int = 2) -> None:
+           export_threads: int = 2, export_processes: int = 0) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -89,11 +91,21 @@ def _serve(shape: str, num_blocks: int, threads: int, shm_dir: str, ready: mp.Qu
         servicer.shared_pool = engine.shared.info if engine.shared is not None else None
         servicer.add_to_server(service.server)
         await service.start()
+        helpers = None
+        if export_processes and engine.shared is not None:
+            from services.prefill.exporter import exporter_args
+            from tandem.kv.transfer.children import HelperProcesses
+
+            helpers = HelperProcesses("services.prefill.exporter", exporter_args(
+                address, "127.0.0.1", shm_dir, engine.shared.info, export_threads), export_processes)
+            servicer.pull_addresses = [f"127.0.0.1:{port}" for port in await helpers.start()]
         await service.set_serving(True)
         ready.put(address)
         try:
             await service.server.wait_for_termination()
         finally:
+            if helpers is not None:
+                await helpers.close()
             engine.close()
 
     asyncio.run(main())
@@ -219,9 +231,11 @@ def grpc_ceiling_gbps(num_bytes: int, chunk_bytes: int, runs: int, processes: in
 # -- the transfer paths ------------------------------------------------------------------------------
 
 async def _pull_gbps(address: str, shape: str, num_tokens: int, runs: int, make_puller: Callable[[], object],
-                     protobuf_client: bool = False, scattered: bool = False) -> tuple[float, float, float]:
+                     protobuf_client: bool = False, scattered: bool = False, pull_processes: int = 0,
+                     shm_dir: str = "") -> tuple[float, float, float]:
     """Median GB/s of the pulls, median GB/s of a memcpy of as many bytes timed just before each
-    pull, and the median of the per-run (pull / memcpy) ratios."""
+    pull, and the median of the per-run (pull / memcpy) ratios. With ``pull_processes``, the
+    decode side's pool is in shared memory and that many pull helper processes land the chunks."""
     import grpc
 
     from tandem.kv.transfer.synthetic import SyntheticKvPool
@@ -230,7 +244,7 @@ async def _pull_gbps(address: str, shape: str, num_tokens: int, runs: int, make_
 
     layout = _layout(shape)
     num_blocks = -(-num_tokens // BLOCK_SIZE)
-    sink_pool = SyntheticKvPool(layout, num_blocks)
+    sink_pool = SyntheticKvPool(layout, num_blocks, shm_dir=shm_dir if pull_processes else None)
     # A long-running decode pool hands out scattered blocks: reversed order is the worst case (no
     # two neighbours adjacent); in order, the best.
     block_ids = list(range(num_blocks))[::-1] if scattered else list(range(num_blocks))
@@ -243,9 +257,23 @@ async def _pull_gbps(address: str, shape: str, num_tokens: int, runs: int, make_
             sink_pool.copy_blocks_from(block_ids[block_index : block_index + len(source_block_ids)], source_k,
                                        source_v, source_block_ids)
 
+        def target_block_ids(self, block_index: int, count: int):  # type: ignore[no-untyped-def]
+            return block_ids[block_index : block_index + count] if pull_processes else None
+
     import torch
 
     puller = make_puller()
+    helpers = None
+    if pull_processes:
+        from services.decode.pull_helper import pull_helper_args
+        from tandem.kv.transfer.children import HelperProcesses
+        from tandem.kv.transfer.pull import PullHelpers
+
+        assert sink_pool.shared is not None
+        helpers = HelperProcesses("services.decode.pull_helper", pull_helper_args(shm_dir, sink_pool.shared.info),
+                                  pull_processes)
+        ports = await helpers.start()
+        puller.helpers = PullHelpers([f"127.0.0.1:{p}" for p in ports], helpers.alive, helpers.kill)  # type: ignore[attr-defined]
     num_bytes = num_tokens * layout.bytes_per_block_layer * layout.num_layers // BLOCK_SIZE
     copy_src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
     copy_dst = torch.empty_like(copy_src)
@@ -269,6 +297,9 @@ async def _pull_gbps(address: str, shape: str, num_tokens: int, runs: int, make_
                 copy_times.append(copy_time)
             await stub.ReleaseKv(kv_pb2.ReleaseKvRequest(transfer_id=handle.transfer_id))
     await puller.close()  # type: ignore[attr-defined]
+    if helpers is not None:
+        await helpers.close()
+    sink_pool.close()
     return (num_bytes / median(times) / 1e9, num_bytes / median(copy_times) / 1e9,
             median([c / t for c, t in zip(copy_times, times, strict=True)]))
 
@@ -298,12 +329,15 @@ def main() -> None:
     parser.add_argument("--chunk-kib", type=int, default=3072, help="chunk bound of the gRPC path")
     parser.add_argument("--ceiling-processes", type=int, nargs="+", default=[1, 2],
                         help="bare-grpcio ceilings to measure: server/client process pairs (the first is the ratio's)")
+    parser.add_argument("--processes", type=int, nargs="*", default=[2, 4],
+                        help="gRPC served by N exporter processes and pulled by N pull helper processes")
     parser.add_argument("--shm-chunk-kib", type=int, default=3072, help="chunk bound of the shm path")
     parser.add_argument("--export-threads", type=int, default=2, help="prefill side: threads preparing chunks")
     parser.add_argument("--copy-threads", type=int, default=2, help="decode side: threads landing chunks")
     parser.add_argument("--shm-dir", default="/dev/shm")
     parser.add_argument("--scattered", action="store_true", help="decode side: blocks in reverse order, not in order")
     args = parser.parse_args()
+    os.environ.setdefault("TANDEM_LOG_LEVEL", "WARNING")  # helper processes log at this level too
 
     import torch
 
@@ -326,7 +360,8 @@ def main() -> None:
     finally:
         shutil.rmtree(shm_dir, ignore_errors=True)
     headers = ["shape", "tokens", "MB", "memcpy", "tcp", *(f"grpc ceiling {n}p" for n in args.ceiling_processes),
-               "grpc naive", *(f"grpc x{s}" for s in args.streams), "best grpc/tcp", f"best grpc/ceiling {args.ceiling_processes[0]}p", "shm",
+               "grpc naive", *(f"grpc x{s}" for s in args.streams), *(f"grpc {n}+{n} proc" for n in args.processes),
+               "best grpc/tcp", f"best grpc/ceiling {args.ceiling_processes[0]}p", "shm",
                "shm staged+crc", "shm/memcpy"]
     print()
     print(table(headers, rows))
@@ -343,10 +378,13 @@ def _measure_shape(args: argparse.Namespace, shape: str, shm_dir: str) -> list[l
     num_blocks = -(-max(args.tokens) // BLOCK_SIZE) + 8
     context = mp.get_context("spawn")
     ready: mp.Queue = context.Queue()  # type: ignore[type-arg]
-    server = context.Process(target=_serve, args=(shape, num_blocks, args.threads, shm_dir, ready,
-                                                  args.export_threads), daemon=True)
-    server.start()
-    address = ready.get(timeout=120)
+    servers = [context.Process(target=_serve, args=(shape, num_blocks, args.threads, shm_dir, ready,
+                                                    args.export_threads, n), daemon=True)
+               for n in [0, *args.processes]]
+    addresses = []
+    for server in servers:  # one at a time: each answers on the shared queue
+        server.start()
+        addresses.append(ready.get(timeout=120))
     try:
         for num_tokens in args.tokens:
             num_bytes = num_tokens * layout.num_layers * layout.bytes_per_block_layer // BLOCK_SIZE
@@ -365,21 +403,25 @@ def _measure_shape(args: argparse.Namespace, shape: str, shm_dir: str) -> list[l
                 return lambda: ShmKvPuller(settings, ChannelPool(1), SegmentReader(shm_dir))
 
             def pull(make: Callable[[], object], naive: bool = False, num_tokens: int = num_tokens,
-                     runs: int = runs) -> tuple[float, float, float]:
-                return asyncio.run(_pull_gbps(address, shape, num_tokens, runs, make, naive, args.scattered))
+                     runs: int = runs, processes: int = 0) -> tuple[float, float, float]:
+                at = addresses[[0, *args.processes].index(processes)]
+                return asyncio.run(_pull_gbps(at, shape, num_tokens, runs, make, naive, args.scattered,
+                                              processes, shm_dir))
 
             naive = pull(grpc_puller(1), True)[0]
             by_streams = {s: pull(grpc_puller(s))[0] for s in args.streams}
-            best_streams = max(by_streams, key=by_streams.__getitem__)
+            by_processes = {n: pull(grpc_puller(n), processes=n)[0] for n in args.processes}
+            best = max([*by_streams.values(), *by_processes.values()])
             shm, memcpy, shm_ratio = pull(shm_puller(False))
             shm_crc = pull(shm_puller(True))[0]
-            best = by_streams[best_streams]
             rows.append([shape, num_tokens, round(num_bytes / 1e6, 1), memcpy, tcp, *ceilings, naive,
-                         *(by_streams[s] for s in args.streams), f"{best / tcp:.0%}", f"{best / ceilings[0]:.0%}",
+                         *(by_streams[s] for s in args.streams), *(by_processes[n] for n in args.processes),
+                         f"{best / tcp:.0%}", f"{best / ceilings[0]:.0%}",
                          shm, shm_crc, f"{shm_ratio:.0%}"])
             print(f"  {shape} {num_tokens} tokens done", flush=True)
     finally:
-        server.kill()
+        for server in servers:
+            server.kill()
     return rows
 
 

@@ -45,6 +45,7 @@ class DecodeConfig:
     kv_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     kv_max_retries: int = 3
     kv_transfer_timeout_s: float = 30.0
+    kv_pull_processes: int = 0  # helper processes running the gRPC pull streams (0: this process)
     prefill_timeout_s: float = 60.0  # a remote Prefill call; past it the prompt is prefilled here
     shm_dir: str = "/dev/shm"
     # Where the worker lists itself: "embedded" (the router's RegisterWorker stream, router_address)
@@ -80,6 +81,8 @@ class DecodeConfig:
             if not getattr(self, name) > 0:
                 raise bad(name, f"must be > 0, got {getattr(self, name)}")
         self.pull_settings()
+        if not 0 <= self.kv_pull_processes <= 32:
+            raise bad("kv_pull_processes", f"must be in [0, 32], got {self.kv_pull_processes}")
         if self.registry not in REGISTRIES:
             raise bad("registry", f"{self.registry!r} is not one of {', '.join(REGISTRIES)}")
         if self.registry == "consul":
@@ -138,6 +141,7 @@ _FLAGS: dict[str, tuple[str, type | object]] = {
     "--kv-chunk-bytes": ("TANDEM_KV_CHUNK_BYTES", int),
     "--kv-max-retries": ("TANDEM_KV_MAX_RETRIES", int),
     "--kv-transfer-timeout-s": ("TANDEM_KV_TRANSFER_TIMEOUT_S", float),
+    "--kv-pull-processes": ("TANDEM_KV_PULL_PROCESSES", int),
     "--prefill-timeout-s": ("TANDEM_PREFILL_TIMEOUT_S", float),
     "--shm-dir": ("TANDEM_SHM_DIR", str),
     "--registry": ("TANDEM_REGISTRY", str),
@@ -162,6 +166,8 @@ _HELP = {
     "--kv-chunk-bytes": "KV chunk size bound (under gRPC's 4 MiB message limit)",
     "--kv-max-retries": "times a missing or corrupt chunk is asked for again",
     "--kv-transfer-timeout-s": "deadline of one KV transfer; past it the prompt is prefilled here",
+    "--kv-pull-processes": "helper processes that pull gRPC KV streams into the pool, moved to shared memory "
+                           "(CPU engines; 0: this process pulls)",
     "--prefill-timeout-s": "deadline of a remote Prefill call",
     "--registry": f"one of {', '.join(REGISTRIES)}: the router's registration stream, or the Consul agent",
     "--consul-address": "host:port of the local Consul agent's HTTP API",

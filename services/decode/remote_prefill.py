@@ -18,11 +18,13 @@ import grpc
 import structlog
 
 from services.decode.config import DecodeConfig
+from services.decode.pull_helper import pull_helper_args
 from tandem.engine.types import EngineRequest, KVReservation, RequestOutput
+from tandem.kv.transfer.children import HelperProcesses
 from tandem.kv.transfer.host import host_id
 from tandem.kv.transfer.metrics import PullMetrics
 from tandem.kv.transfer.protocol import ImportingEngine, KvPuller, KvTransferError, TransferHandle
-from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller, ShmKvPuller
+from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller, PullHelpers, ShmKvPuller
 from tandem.kv.transfer.shm import SegmentReader
 from tandem.kv.transfer.wire import handle_from_proto
 from tandem.proto.kv.v1 import kv_pb2, kv_pb2_grpc
@@ -40,6 +42,12 @@ class _ReservationSink:
 
     engine: ImportingEngine
     reservation: KVReservation
+    pool_shared: bool = False  # the engine's pool is the one the pull helpers map
+
+    def target_block_ids(self, block_index: int, count: int) -> Sequence[int] | None:
+        if not self.pool_shared:
+            return None
+        return self.reservation.block_ids[block_index : block_index + count]
 
     def write(self, block_index: int, layer_start: int, data: object) -> None:
         self.engine.write_kv(self.reservation, block_index, layer_start, data)  # type: ignore[arg-type]
@@ -69,11 +77,35 @@ class RemotePrefill:
         self.shm_puller = ShmKvPuller(settings, ChannelPool(1), SegmentReader(config.shm_dir))
         self._control = ChannelPool(1)  # Prefill and ReleaseKv calls
         self._releases: set[asyncio.Task[None]] = set()
+        self._helpers: HelperProcesses | None = None
+        self._close_pool: Callable[[], None] | None = None
         # Test hook: awaited with the handle before each pull (fault tests stop the prefill worker here).
         self.before_pull: Callable[[TransferHandle], Awaitable[None]] | None = None
 
     def note_local(self, reason: str) -> None:
         self._metrics.observe_prefill("local", reason)
+
+    async def start_helpers(self) -> None:
+        """With ``kv_pull_processes``: move the engine's pool into shared memory and start the pull
+        helpers over it (after the engine started). Not for pools outside host memory."""
+        count = self._config.kv_pull_processes
+        share = getattr(self._engine, "share_kv_pool", None)
+        pool = await share(self._config.shm_dir) if count and share is not None else None
+        if pool is None:
+            if count:
+                log.warning("no pull helpers: the KV pool is not in host memory; this process pulls")
+            return
+        self._close_pool = pool.close
+        helpers = HelperProcesses("services.decode.pull_helper", pull_helper_args(self._config.shm_dir, pool.info),
+                                  count)
+        ports = await helpers.start()
+        self._helpers = helpers
+        self.grpc_puller.helpers = PullHelpers([f"127.0.0.1:{port}" for port in ports], helpers.alive, helpers.kill)
+        log.info("KV pull helpers serving", pids=helpers.pids)
+
+    @property
+    def helper_pids(self) -> list[int]:
+        return self._helpers.pids if self._helpers is not None else []
 
     async def close(self) -> None:
         if self._releases:
@@ -81,6 +113,10 @@ class RemotePrefill:
         await self.grpc_puller.close()
         await self.shm_puller.close()
         await self._control.close()
+        if self._helpers is not None:
+            await self._helpers.close()
+        if self._close_pool is not None:
+            self._close_pool()  # removes the file; the engine's mapping stays until it stops
 
     async def generate(self, request: EngineRequest, wire: worker_pb2.GenerateRequest) -> AsyncIterator[RequestOutput]:
         """The outputs of ``request`` (``wire`` carries its prefill hint), prefilled remotely when that pays.
@@ -168,7 +204,7 @@ class RemotePrefill:
                                       f"{len(reservation.block_ids)} blocks)", "layout")
             if self.before_pull is not None:
                 await self.before_pull(handle)
-            sink = _ReservationSink(self._engine, reservation)
+            sink = _ReservationSink(self._engine, reservation, pool_shared=self._helpers is not None)
             puller = self._puller(handle)
             try:
                 result = await puller.pull(handle, reservation.first_missing_block, sink,

@@ -138,7 +138,11 @@ async def serve(config: DecodeConfig, *, engine_factory: EngineFactory = create_
             metrics_server, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
         log.info("loading engine", model=str(model_path), engine=config.engine, port=grpc_service.port)
         await engine.start()
+        if remote_prefill is not None:
+            await remote_prefill.start_helpers()
     except BaseException:
+        if remote_prefill is not None:
+            await remote_prefill.close()
         with contextlib.suppress(Exception):  # free what a half-started engine holds
             await engine.shutdown()
         await grpc_service.stop(0)

@@ -17,12 +17,14 @@ from services.decode.convert import load_from_stats
 from services.decode.metrics import DecodeMetrics
 from services.decode.registration import RouterRegistration
 from services.prefill.config import PrefillConfig
+from services.prefill.exporter import exporter_args
 from services.prefill.servicer import SERVICE_NAME, PrefillServicer
 from tandem.engine.config import EngineConfig
 from tandem.engine.factory import create_engine
 from tandem.engine.types import StepInfo
 from tandem.grpc_server import GrpcService
 from tandem.kv.events import KvEventSource
+from tandem.kv.transfer.children import HelperProcesses
 from tandem.kv.transfer.export import GrpcChunkExporter, ShmChunkExporter
 from tandem.kv.transfer.host import host_id
 from tandem.kv.transfer.metrics import ExportMetrics
@@ -57,10 +59,15 @@ class PrefillWorker:
     _grpc: GrpcService
     _exporters: list[ChunkExporter]
     _metrics_server: WSGIServer | None
-    _closers: list[Callable[[], None]] = field(default_factory=list)
+    _closers: list[Callable[[], None] | HelperProcesses] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _serving: bool = False
     _stopping: asyncio.Task[None] | None = None
+
+    @property
+    def exporter_pids(self) -> list[int]:
+        """The exporter processes (``--kv-export-processes``) while the worker runs."""
+        return [pid for closer in self._closers if isinstance(closer, HelperProcesses) for pid in closer.pids]
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Deregister, NOT_SERVING, let running prefills and pulls finish (up to the drain timeout), stop."""
@@ -87,8 +94,7 @@ class PrefillWorker:
         for exporter in self._exporters:
             exporter.close()
         await self.engine.shutdown()
-        for close in self._closers:
-            close()
+        await _close_all(self._closers)
         if self._metrics_server is not None:
             await asyncio.to_thread(self._metrics_server.shutdown)
             self._metrics_server.server_close()
@@ -114,6 +120,15 @@ class PrefillWorker:
             await asyncio.sleep(_WATCH_INTERVAL_S)
 
 
+async def _close_all(closers: list[Callable[[], None] | HelperProcesses]) -> None:
+    """In reverse order of start: exporter processes first, then the pool file they mapped."""
+    for close in reversed(closers):
+        if isinstance(close, HelperProcesses):
+            await close.close()
+        else:
+            close()
+
+
 async def serve(config: PrefillConfig, *, engine_factory: EngineFactory = create_engine) -> PrefillWorker:
     """Bind (NOT_SERVING), load the engine, report SERVING, then register with the router as a prefill worker."""
     # What a killed predecessor left in shared memory, before this worker makes files of its own.
@@ -135,27 +150,36 @@ async def serve(config: PrefillConfig, *, engine_factory: EngineFactory = create
     servicer.add_to_server(grpc_service.server)
     await grpc_service.start()  # NOT_SERVING until the model is loaded
     metrics_server: WSGIServer | None = None
-    closers: list[Callable[[], None]] = []  # shared-memory files to remove at stop
+    closers: list[Callable[[], None] | HelperProcesses] = []  # exporters, shared-memory files, at stop
     try:
         if config.metrics_port:
             metrics_server, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
         log.info("loading engine", model=str(model_path), engine=config.engine, port=grpc_service.port)
         await prefill_engine.start()
         share = getattr(prefill_engine, "share_kv_pool", None)
-        if config.serves_shm and share is not None:
-            # Same-host decode workers then copy blocks straight out of this engine's pool.
+        if (config.serves_shm or config.kv_export_processes) and share is not None:
+            # Same-host decode workers then copy blocks straight out of this engine's pool, and
+            # exporter processes read it.
             shared_pool = await share(config.shm_dir)
             if shared_pool is not None:
-                servicer.shared_pool = shared_pool.info
+                if config.serves_shm:
+                    servicer.shared_pool = shared_pool.info
                 closers.append(shared_pool.close)
+                if config.kv_export_processes:
+                    helpers = HelperProcesses("services.prefill.exporter", exporter_args(
+                        address, config.host, config.shm_dir, shared_pool.info), config.kv_export_processes)
+                    closers.append(helpers)
+                    ports = await helpers.start()
+                    servicer.pull_addresses = [f"{config.advertise_host}:{port}" for port in ports]
+        if config.kv_export_processes and not servicer.pull_addresses:
+            log.warning("no exporter processes: the KV pool is not in host memory; the worker serves pulls itself")
     except BaseException:
         with contextlib.suppress(Exception):
             await prefill_engine.shutdown()
         await grpc_service.stop(0)
         for exporter in exporters.values():
             exporter.close()
-        for close in closers:
-            close()
+        await _close_all(closers)
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
 import structlog
@@ -50,6 +50,9 @@ class PrefillServicer:
         self._num_in_flight = 0
         self._draining = False
         self.shared_pool: SharedPoolInfo | None = None  # set by the worker once the engine has started
+        self.pull_addresses: list[str] = []  # the exporter processes' addresses, once they serve
+        # Test hook: awaited with the transfer id before a HoldKv answers (stalls an exporter's pull).
+        self.before_hold: Callable[[str], Awaitable[None]] | None = None
 
     @property
     def num_in_flight(self) -> int:
@@ -75,6 +78,9 @@ class PrefillServicer:
             "ReleaseKv": grpc.unary_unary_rpc_method_handler(
                 self.ReleaseKv, request_deserializer=kv_pb2.ReleaseKvRequest.FromString,
                 response_serializer=kv_pb2.ReleaseKvResponse.SerializeToString),
+            "HoldKv": grpc.stream_stream_rpc_method_handler(
+                self.HoldKv, request_deserializer=kv_pb2.HoldKvRequest.FromString,
+                response_serializer=kv_pb2.HoldKvResponse.SerializeToString),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
@@ -134,6 +140,7 @@ class PrefillServicer:
                 transfer_id=transfer_id, address=self._address, layout=layout_to_proto(self._engine.kv_layout()),
                 num_blocks=num_blocks, num_tokens=result.num_prompt_tokens,
                 lease_ms=int(self.leases.lease_s * 1000), host_id=self._host_id))
+            response.handle.pull_addresses.extend(self.pull_addresses)
             if self.shared_pool is not None and kv_pb2.KV_TRANSPORT_SHM in self.exporters:
                 response.handle.shared_pool.CopyFrom(shared_pool_to_proto(self.shared_pool))
                 response.handle.block_ids.extend(result.block_ids[:num_blocks])
@@ -192,6 +199,30 @@ class PrefillServicer:
                 await messages.aclose()  # type: ignore[attr-defined,union-attr]
             self._metrics.bytes_sent.labels(transport=transport).inc(sum(c.num_bytes for c in plan))
             self._metrics.chunks_sent.labels(transport=transport).inc(len(plan))
+
+    async def HoldKv(  # noqa: N802
+        self, requests: AsyncIterator[kv_pb2.HoldKvRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[kv_pb2.HoldKvResponse]:
+        """An exporter process serves a pull of a lease here: its blocks, and the lease kept busy."""
+        first = await anext(aiter(requests), None)
+        if first is None:
+            return
+        lease = self.leases.get(first.transfer_id)
+        if lease is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"transfer_id: {first.transfer_id!r} is not leased "
+                                "here (released, or its lease expired)")
+            return
+        num_blocks = -(-lease.num_tokens // self._block_size)
+        last = first
+        with self.leases.pulling(lease):
+            if self.before_hold is not None:
+                await self.before_hold(lease.transfer_id)
+            yield kv_pb2.HoldKvResponse(block_ids=lease.block_ids[:num_blocks], num_tokens=lease.num_tokens,
+                                        layout=layout_to_proto(self._engine.kv_layout()))
+            async for request in requests:  # until the exporter closes its side (or goes away)
+                last = request
+        self._metrics.bytes_sent.labels(transport="grpc").inc(last.bytes_sent)
+        self._metrics.chunks_sent.labels(transport="grpc").inc(last.chunks_sent)
 
     async def ReleaseKv(  # noqa: N802
         self, request: kv_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext

@@ -23,10 +23,21 @@ def test_prefill_flags_and_environment() -> None:
     ({"kv_transport": "shm"}, "invalid prefill setting kv_transport"),
     ({"shm_pool_bytes": -1}, "invalid prefill setting shm_pool_bytes"),
     ({"port": 70000}, "invalid prefill setting port"),
+    ({"kv_export_processes": -1}, "invalid prefill setting kv_export_processes"),
+    ({"kv_export_processes": 33}, "invalid prefill setting kv_export_processes"),
 ])
 def test_prefill_errors_name_the_setting(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PrefillConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_helper_process_flags_and_environment() -> None:
+    assert parse_prefill(["--kv-export-processes", "3"], {}).kv_export_processes == 3
+    assert parse_prefill([], {"TANDEM_KV_EXPORT_PROCESSES": "2"}).kv_export_processes == 2
+    assert parse_decode(["--kv-pull-processes", "4"], {}).kv_pull_processes == 4
+    assert DecodeConfig().kv_pull_processes == 0 and PrefillConfig().kv_export_processes == 0  # opt-in
+    with pytest.raises(SystemExit):
+        parse_prefill(["--kv-pull-processes", "2"], {})
 
 
 def test_pulling_flags_are_the_decode_workers_only() -> None:
@@ -41,6 +52,7 @@ def test_pulling_flags_are_the_decode_workers_only() -> None:
     ({"kv_transport": "rdma"}, "invalid decode setting kv_transport"),
     ({"kv_transfer_timeout_s": 0}, "invalid decode setting kv_transfer_timeout_s"),
     ({"kv_chunk_bytes": 8 << 20}, "invalid KV transfer setting max_chunk_bytes"),
+    ({"kv_pull_processes": -1}, "invalid decode setting kv_pull_processes"),
 ])
 def test_decode_errors_name_the_setting(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):

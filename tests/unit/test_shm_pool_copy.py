@@ -119,3 +119,22 @@ async def test_a_failing_loop_part_waits_for_the_threads(source: SyntheticKvPool
         assert len(sink.parts) == 3  # the threads' parts ran to the end before the error came out
     finally:
         await puller.close()
+
+
+def test_a_helper_process_mapping_reads_and_writes_the_workers_pool(source: SyntheticKvPool, tmp_path: Path) -> None:
+    from tandem.kv.transfer.shared_pool import MappedPool
+
+    assert source.shared is not None
+    reader = MappedPool(str(tmp_path), source.shared.info, LAYOUT, writable=False)
+    writer = MappedPool(str(tmp_path), source.shared.info, LAYOUT, writable=True)
+    try:
+        blocks = [5, 1, 9]
+        assert torch.equal(reader.read_kv(blocks, 2, 3), source.read_kv(blocks, 2, 3))
+        data = torch.randn(3, 2, 2, LAYOUT.block_size, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+        writer.write_blocks([7, 3], 2, data)
+        assert torch.equal(source.read_kv([7, 3], 2, 3), data)  # the worker sees the helper's write
+        with pytest.raises(ValueError, match="outside the pool"):
+            writer.write_blocks([2 * NUM_BLOCKS], 0, data[:, :, :1])
+    finally:
+        reader.close()
+        writer.close()

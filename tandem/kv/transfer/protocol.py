@@ -42,6 +42,8 @@ class TransferHandle:
     # time.monotonic() on this host before which the lease surely holds: the time Prefill was
     # sent plus the lease (the lease starts after that). None when unknown.
     lease_deadline_s: float | None = None
+    # More addresses serving PullKv (gRPC) for this handle: the prefill worker's exporter processes.
+    pull_addresses: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -98,6 +100,11 @@ class KvSink(Protocol):
         head_dim], a read-only shared mapping) into the reserved blocks from ``block_index`` on.
 
         Called on a copy thread, possibly on several at once for disjoint blocks."""
+
+    def target_block_ids(self, block_index: int, count: int) -> Sequence[int] | None:
+        """The blocks of this worker's own pool that receive handle blocks ``block_index`` on, when
+        that pool is the one its pull helper processes map (they then write chunks straight into
+        it); None otherwise, and the pull runs in this process."""
 
 
 class PrefillEngine(KvSource, Protocol):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tandem.engine.types import KVLayout
+from tandem.kv.block_copy import gather_blocks, scatter_blocks
 from tandem.kv.transfer.chunks import TORCH_DTYPES
 from tandem.kv.transfer.shm import Segment, SegmentReader
 from tandem.kv.transfer.sweep import owner_token
@@ -121,3 +122,47 @@ def copy_blocks(source_k: torch.Tensor, source_v: torch.Tensor, source_ids: Sequ
 def _byte_blocks(pool: torch.Tensor, block_size: int) -> torch.Tensor:
     """[layers, slots, kv_heads, head_dim] as [layers, blocks, bytes of a block] (bytes copy faster)."""
     return pool.view(torch.uint8).view(pool.shape[0], pool.shape[1] // block_size, -1)
+
+
+class MappedPool:
+    """A worker's own shared pool as one of its helper processes sees it.
+
+    An exporter process reads blocks out of it (``read_kv``, the exporter's ``KvSource``); a pull
+    helper writes received chunks into it (``write_blocks``), so mapped writable. The worker keeps
+    the blocks pinned (lease, reservation) while a helper touches them.
+    """
+
+    def __init__(self, shm_dir: str, info: SharedPoolInfo, layout: KVLayout, *, writable: bool) -> None:
+        per_tensor = _pool_bytes(layout, info.num_slots)
+        if info.num_slots % layout.block_size or max(info.k_offset, info.v_offset) + per_tensor > info.segment_size:
+            raise ValueError(f"shared pool {info.segment} does not hold {info.num_slots} slots of {layout}")
+        if Path(info.segment).name != info.segment:
+            raise ValueError(f"not a segment name: {info.segment!r}")
+        self._layout = layout
+        self._segment = Segment(Path(shm_dir) / info.segment, info.segment_size, create=False, populate=True,
+                                writable=writable)
+        self.k = _tensor(self._segment.view(info.k_offset, per_tensor), layout, info.num_slots)
+        self.v = _tensor(self._segment.view(info.v_offset, per_tensor), layout, info.num_slots)
+        self.num_blocks = info.num_slots // layout.block_size
+
+    def kv_layout(self) -> KVLayout:
+        return self._layout
+
+    def _check(self, block_ids: Sequence[int]) -> None:
+        if block_ids and (min(block_ids) < 0 or max(block_ids) >= self.num_blocks):
+            raise ValueError(f"a block id is outside the pool's {self.num_blocks} blocks")
+
+    def read_kv(self, block_ids: list[int], layer_start: int, layer_count: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """``KvSource.read_kv`` over the mapping: [layers, 2, blocks, block_size, kv_heads, head_dim]."""
+        self._check(block_ids)
+        return gather_blocks(self.k, self.v, self._layout.block_size, block_ids, layer_start, layer_count, out)
+
+    def write_blocks(self, block_ids: list[int], layer_start: int, data: torch.Tensor) -> None:
+        """The inverse of ``read_kv``: ``data`` into ``block_ids`` from ``layer_start`` on."""
+        self._check(block_ids)
+        scatter_blocks(self.k, self.v, self._layout.block_size, block_ids, layer_start, data)
+
+    def close(self) -> None:
+        del self.k, self.v
+        self._segment.close()

@@ -29,19 +29,21 @@ _ROUND_BYTES = 1024 * 1024
 class Segment:
     """One mapped file under ``shm_dir``."""
 
-    def __init__(self, path: Path, size: int, *, create: bool, populate: bool = False) -> None:
+    def __init__(self, path: Path, size: int, *, create: bool, populate: bool = False, writable: bool = False) -> None:
         """``populate`` maps every page now (a KV pool: faulting pages in one by one during the
-        transfers that first touch them cost as much as copying them)."""
+        transfers that first touch them cost as much as copying them). An existing file is mapped
+        read-only unless ``writable`` (a worker's helper process writing into the worker's pool)."""
         self.path = path
         self.name = path.name
         self.size = size
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL if create else os.O_RDONLY
+        writable = writable or create
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL if create else (os.O_RDWR if writable else os.O_RDONLY)
         fd = os.open(path, flags, 0o600)
         try:
             if create:
                 os.ftruncate(fd, size)
             flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-            self._map = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | (mmap.PROT_WRITE if create else 0))
+            self._map = mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
         finally:
             os.close(fd)  # the mapping keeps the memory; the descriptor is not needed
 

@@ -146,5 +146,6 @@ def handle_from_proto(message: kv_pb2.KvHandle, address: str, lease_deadline_s: 
         transfer_id=message.transfer_id, address=message.address or address, layout=layout_from_proto(message.layout),
         num_blocks=message.num_blocks, num_tokens=message.num_tokens, lease_ms=message.lease_ms,
         host_id=message.host_id, block_ids=tuple(message.block_ids), lease_deadline_s=lease_deadline_s,
+        pull_addresses=tuple(message.pull_addresses),
         shared_pool=None if pool is None else SharedPoolInfo(pool.segment, pool.segment_size, pool.k_offset,
                                                              pool.v_offset, pool.num_slots))

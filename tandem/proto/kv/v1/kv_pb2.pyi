@@ -56,7 +56,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, first_token_id: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., handle: _Optional[_Union[KvHandle, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class KvHandle(_message.Message):
-    __slots__ = ("transfer_id", "address", "layout", "num_blocks", "num_tokens", "lease_ms", "host_id", "shared_pool", "block_ids")
+    __slots__ = ("transfer_id", "address", "layout", "num_blocks", "num_tokens", "lease_ms", "host_id", "shared_pool", "block_ids", "pull_addresses")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class KvHandle(_message.Message):
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SHARED_POOL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    PULL_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     address: str
     layout: KvLayout
@@ -75,7 +76,8 @@ class KvHandle(_message.Message):
     host_id: str
     shared_pool: SharedKvPool
     block_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, transfer_id: _Optional[str] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., num_blocks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., host_id: _Optional[str] = ..., shared_pool: _Optional[_Union[SharedKvPool, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    pull_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, transfer_id: _Optional[str] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., num_blocks: _Optional[int] = ..., num_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., host_id: _Optional[str] = ..., shared_pool: _Optional[_Union[SharedKvPool, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., pull_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SharedKvPool(_message.Message):
     __slots__ = ("segment", "segment_size", "k_offset", "v_offset", "num_slots")
@@ -150,3 +152,55 @@ class ReleaseKvResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class HoldKvRequest(_message.Message):
+    __slots__ = ("transfer_id", "bytes_sent", "chunks_sent")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_SENT_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    bytes_sent: int
+    chunks_sent: int
+    def __init__(self, transfer_id: _Optional[str] = ..., bytes_sent: _Optional[int] = ..., chunks_sent: _Optional[int] = ...) -> None: ...
+
+class HoldKvResponse(_message.Message):
+    __slots__ = ("block_ids", "num_tokens", "layout")
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_tokens: int
+    layout: KvLayout
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ...) -> None: ...
+
+class PullIntoRequest(_message.Message):
+    __slots__ = ("transfer_id", "address", "layout", "num_blocks", "first_block", "max_chunk_bytes", "sequence_numbers", "target_block_ids", "timeout_s", "stop")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_NUMBERS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    address: str
+    layout: KvLayout
+    num_blocks: int
+    first_block: int
+    max_chunk_bytes: int
+    sequence_numbers: _containers.RepeatedScalarFieldContainer[int]
+    target_block_ids: _containers.RepeatedScalarFieldContainer[int]
+    timeout_s: float
+    stop: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., num_blocks: _Optional[int] = ..., first_block: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., sequence_numbers: _Optional[_Iterable[int]] = ..., target_block_ids: _Optional[_Iterable[int]] = ..., timeout_s: _Optional[float] = ..., stop: _Optional[bool] = ...) -> None: ...
+
+class PullIntoResponse(_message.Message):
+    __slots__ = ("sequence_number", "problem")
+    SEQUENCE_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    sequence_number: int
+    problem: str
+    def __init__(self, sequence_number: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...

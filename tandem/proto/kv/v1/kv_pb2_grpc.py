@@ -49,6 +49,11 @@ class PrefillServiceStub:
                 request_serializer=tandem_dot_kv_dot_v1_dot_kv__pb2.ReleaseKvRequest.SerializeToString,
                 response_deserializer=tandem_dot_kv_dot_v1_dot_kv__pb2.ReleaseKvResponse.FromString,
                 _registered_method=True)
+        self.HoldKv = channel.stream_stream(
+                '/tandem.kv.v1.PrefillService/HoldKv',
+                request_serializer=tandem_dot_kv_dot_v1_dot_kv__pb2.HoldKvRequest.SerializeToString,
+                response_deserializer=tandem_dot_kv_dot_v1_dot_kv__pb2.HoldKvResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -78,6 +83,16 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HoldKv(self, request_iterator, context):
+        """For the worker's own exporter processes (KvHandle.pull_addresses): the first request names a
+        leased transfer, the answer lists its blocks, and the lease stays busy (it cannot expire)
+        until the caller ends its side of the stream; the last request may carry what was sent, for
+        the worker's metrics. NOT_FOUND when the transfer is not leased.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +110,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.ReleaseKv,
                     request_deserializer=tandem_dot_kv_dot_v1_dot_kv__pb2.ReleaseKvRequest.FromString,
                     response_serializer=tandem_dot_kv_dot_v1_dot_kv__pb2.ReleaseKvResponse.SerializeToString,
+            ),
+            'HoldKv': grpc.stream_stream_rpc_method_handler(
+                    servicer.HoldKv,
+                    request_deserializer=tandem_dot_kv_dot_v1_dot_kv__pb2.HoldKvRequest.FromString,
+                    response_serializer=tandem_dot_kv_dot_v1_dot_kv__pb2.HoldKvResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +198,117 @@ class PrefillService:
             '/tandem.kv.v1.PrefillService/ReleaseKv',
             tandem_dot_kv_dot_v1_dot_kv__pb2.ReleaseKvRequest.SerializeToString,
             tandem_dot_kv_dot_v1_dot_kv__pb2.ReleaseKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldKv(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.kv.v1.PrefillService/HoldKv',
+            tandem_dot_kv_dot_v1_dot_kv__pb2.HoldKvRequest.SerializeToString,
+            tandem_dot_kv_dot_v1_dot_kv__pb2.HoldKvResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class KvPullHelperStub:
+    """A decode worker's pull helper processes: each pulls chunks of one transfer with PullKv and
+    writes them straight into the decode worker's pool in shared memory, so several processes share
+    the work of gRPC's copies. Served on a local socket; one call per pull stream.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.PullInto = channel.stream_stream(
+                '/tandem.kv.v1.KvPullHelper/PullInto',
+                request_serializer=tandem_dot_kv_dot_v1_dot_kv__pb2.PullIntoRequest.SerializeToString,
+                response_deserializer=tandem_dot_kv_dot_v1_dot_kv__pb2.PullIntoResponse.FromString,
+                _registered_method=True)
+
+
+class KvPullHelperServicer:
+    """A decode worker's pull helper processes: each pulls chunks of one transfer with PullKv and
+    writes them straight into the decode worker's pool in shared memory, so several processes share
+    the work of gRPC's copies. Served on a local socket; one call per pull stream.
+    """
+
+    def PullInto(self, request_iterator, context):
+        """The first request is the job; a later request with stop set asks the helper to end early.
+        One response per chunk written (or rejected); the stream ends once nothing is being written.
+        A failed PullKv ends the call with PullKv's status code and message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KvPullHelperServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'PullInto': grpc.stream_stream_rpc_method_handler(
+                    servicer.PullInto,
+                    request_deserializer=tandem_dot_kv_dot_v1_dot_kv__pb2.PullIntoRequest.FromString,
+                    response_serializer=tandem_dot_kv_dot_v1_dot_kv__pb2.PullIntoResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tandem.kv.v1.KvPullHelper', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tandem.kv.v1.KvPullHelper', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KvPullHelper:
+    """A decode worker's pull helper processes: each pulls chunks of one transfer with PullKv and
+    writes them straight into the decode worker's pool in shared memory, so several processes share
+    the work of gRPC's copies. Served on a local socket; one call per pull stream.
+    """
+
+    @staticmethod
+    def PullInto(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.kv.v1.KvPullHelper/PullInto',
+            tandem_dot_kv_dot_v1_dot_kv__pb2.PullIntoRequest.SerializeToString,
+            tandem_dot_kv_dot_v1_dot_kv__pb2.PullIntoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,125 @@
+"""A prefill worker's exporter process (``python -m services.prefill.exporter``): serves PullKv.
+
+The worker starts ``--kv-export-processes`` of these when its KV pool is in shared memory and
+lists their addresses in every handle (``KvHandle.pull_addresses``), so decode workers pull a
+transfer from several processes at once. Each maps the pool read-only. For each PullKv call it
+opens ``HoldKv`` on its worker: the worker answers the lease's blocks and keeps the lease from
+expiring until the exporter closes the hold, after the last chunk went out. It serves the gRPC
+transport only (shared memory needs no exporter).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import structlog
+
+from tandem.grpc_server import CHANNEL_OPTIONS, SERVER_OPTIONS
+from tandem.kv.transfer.children import helper_args, run_helper
+from tandem.kv.transfer.chunks import ChunkPlanError, plan_chunks
+from tandem.kv.transfer.export import GrpcChunkExporter
+from tandem.kv.transfer.settings import MAX_CHUNK_BYTES
+from tandem.kv.transfer.shared_pool import MappedPool, SharedPoolInfo
+from tandem.kv.transfer.wire import layout_from_proto
+from tandem.proto.kv.v1 import kv_pb2, kv_pb2_grpc
+
+log = structlog.get_logger("prefill.exporter")
+
+SERVICE_NAME = kv_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
+
+
+def exporter_args(worker_address: str, host: str, shm_dir: str, pool: SharedPoolInfo, threads: int = 2) -> list[str]:
+    """The command line the worker gives each exporter."""
+    return helper_args(pool, worker=worker_address, host=host, shm_dir=shm_dir, threads=threads)
+
+
+class ExporterServicer:
+    """PullKv over the mapped pool, each call under a HoldKv on the worker."""
+
+    def __init__(self, pool_info: SharedPoolInfo, shm_dir: str, worker: kv_pb2_grpc.PrefillServiceStub,
+                 threads: int) -> None:
+        self._pool_info = pool_info
+        self._shm_dir = shm_dir
+        self._pools: dict[tuple[int, int, int, int, str], MappedPool] = {}
+        self._worker = worker
+        self._exporter = GrpcChunkExporter(threads)
+
+    def _pool(self, layout_proto: kv_pb2.KvLayout) -> MappedPool:
+        layout = layout_from_proto(layout_proto)
+        key = (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype)
+        pool = self._pools.get(key)
+        if pool is None:  # the worker's layout never changes: mapped once
+            pool = self._pools[key] = MappedPool(self._shm_dir, self._pool_info, layout, writable=False)
+        return pool
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        handlers = {"PullKv": grpc.unary_stream_rpc_method_handler(
+            self.PullKv, request_deserializer=kv_pb2.PullKvRequest.FromString, response_serializer=bytes)}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+    async def PullKv(  # noqa: N802 (gRPC method name)
+        self, request: kv_pb2.PullKvRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        if request.transport != kv_pb2.KV_TRANSPORT_GRPC:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "transport: an exporter process serves gRPC only")
+        if not 0 < request.max_chunk_bytes <= MAX_CHUNK_BYTES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"max_chunk_bytes: must be in (0, {MAX_CHUNK_BYTES}], got {request.max_chunk_bytes}")
+        hold = self._worker.HoldKv(timeout=context.time_remaining())
+        bytes_sent = chunks_sent = 0
+        try:
+            await hold.write(kv_pb2.HoldKvRequest(transfer_id=request.transfer_id))
+            held = await hold.read()
+            if held is grpc.aio.EOF:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill worker ended the hold")
+            assert isinstance(held, kv_pb2.HoldKvResponse)
+            pool = self._pool(held.layout)
+            num_blocks = len(held.block_ids)
+            try:
+                plan = plan_chunks(pool.kv_layout(), num_blocks, request.first_block, request.max_chunk_bytes)
+            except ChunkPlanError as error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            if request.sequence_numbers:
+                wanted = set(request.sequence_numbers)
+                if max(wanted) >= len(plan):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"sequence_numbers: the plan has {len(plan)} chunks")
+                plan = [chunk for chunk in plan if chunk.sequence_number in wanted]
+            messages = self._exporter.chunks(request.transfer_id, pool, list(held.block_ids), plan,
+                                             skip_checksum=request.skip_checksum)
+            try:
+                for chunk in plan:
+                    message = await anext(messages)  # type: ignore[arg-type]
+                    yield message
+                    bytes_sent += chunk.num_bytes
+                    chunks_sent += 1
+            finally:
+                await messages.aclose()  # type: ignore[attr-defined]  # copies end before the hold does
+            await hold.write(kv_pb2.HoldKvRequest(bytes_sent=bytes_sent, chunks_sent=chunks_sent))
+            await hold.done_writing()
+            await hold.read()  # the worker ends the hold: the lease may expire again
+        except grpc.aio.AioRpcError as error:
+            # NOT_FOUND (not leased there) and the rest pass through as the worker said them.
+            await context.abort(error.code(), error.details() or "HoldKv failed")
+        finally:
+            hold.cancel()  # a no-op when it ended
+
+    def close(self) -> None:
+        self._exporter.close()
+        for pool in self._pools.values():
+            pool.close()
+
+
+async def _serve(pool: SharedPoolInfo, spec: dict[str, Any]) -> grpc.aio.Server:
+    channel = grpc.aio.insecure_channel(str(spec["worker"]), options=CHANNEL_OPTIONS)
+    servicer = ExporterServicer(pool, str(spec["shm_dir"]), kv_pb2_grpc.PrefillServiceStub(channel),
+                                int(spec["threads"]))
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    servicer.add_to_server(server)
+    return server
+
+
+if __name__ == "__main__":
+    run_helper("services.prefill.exporter", _serve)
