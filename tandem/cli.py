@@ -45,6 +45,10 @@ def _up_parser() -> argparse.ArgumentParser:
                         help="router: fail rather than prefill on a decode worker when no prefill worker can")
     parser.add_argument("--kv-transport", default=env("TANDEM_KV_TRANSPORT", "auto"), choices=["auto", "grpc", "shm"],
                         help="how decode workers pull KV (auto: shared memory on one host)")
+    parser.add_argument("--kv-processes", type=int, default=int(env("TANDEM_KV_PROCESSES", "0")),
+                        help="gRPC KV transfers: exporter processes per prefill worker and pull helper processes per "
+                             "decode worker (pays on many-core hosts, for transfers between hosts or with "
+                             "--kv-transport grpc; 0: each worker moves its own)")
     parser.add_argument("--engine", default=env("TANDEM_ENGINE", "hf"), choices=["hf"])
     parser.add_argument("--model", default=env("TANDEM_MODEL", ""),
                         help="local Hugging Face model directory (default: SmolLM2-135M-Instruct)")
@@ -98,6 +102,8 @@ def up(argv: list[str]) -> int:
         raise SystemExit("tandem up: --decode-workers must be at least 1")
     if args.prefill_workers < 0:
         raise SystemExit("tandem up: --prefill-workers must be at least 0")
+    if not 0 <= args.kv_processes <= 32:
+        raise SystemExit("tandem up: --kv-processes must be in [0, 32]")
     from tandem.models import resolve_model
 
     model_path = resolve_model(args.model or None)  # convert once here, not in every child
@@ -136,6 +142,9 @@ def up(argv: list[str]) -> int:
                            "--worker-id", name, "--device", args.device]
             if role == "decode" or args.kv_transport == "grpc":  # prefill workers serve shm unless told grpc
                 worker_args += ["--kv-transport", args.kv_transport]
+            if args.kv_processes:
+                flag = "--kv-pull-processes" if role == "decode" else "--kv-export-processes"
+                worker_args += [flag, str(args.kv_processes)]
             if args.num_kv_blocks:
                 worker_args += ["--num-kv-blocks", str(args.num_kv_blocks)]
             if args.max_num_seqs:

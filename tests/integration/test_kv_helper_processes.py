@@ -105,7 +105,7 @@ async def pools_back_to_zero(prefill: PrefillWorker, aggregated: DecodeWorker,
     assert len(prefill.servicer.leases) == 0
 
 
-def _long_prompt(tokenizer: Any, topic: str, repeat: int = 120) -> list[int]:  # >= 8 chunks
+def _long_prompt(tokenizer: Any, topic: str, repeat: int = 160) -> list[int]:  # >= 16 chunks
     return list(tokenizer(f"Field notes on {topic}: " + f"the {topic} changed again today. " * repeat)["input_ids"])
 
 
@@ -147,7 +147,8 @@ async def test_output_through_helper_processes_is_token_identical_to_aggregated(
     finally:
         del remote.grpc_puller._helper_stream  # noqa: SLF001
     assert [tokens for tokens, _ in outputs] == expected
-    assert sorted(set(helper_streams)) == [0, 1]  # both helpers pulled
+    # Both helpers pulled each long prompt; the short one (under 16 chunks) was pulled in-process.
+    assert sorted(helper_streams) == [0, 0, 1, 1]
     received = sample(decode, "tandem_kv_transfer_received_bytes_total", {"transport": "grpc"})
     assert received > 0
     # The exporters' bytes are counted on the prefill worker when their holds end.
@@ -262,3 +263,45 @@ async def test_helpers_leave_with_their_workers(model_path: Path) -> None:
     await prefill.stop(0)
     await decode.stop(0)
     assert not any(_running(pid) for pid in pids)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+async def test_a_sigkilled_worker_takes_its_helpers_along(model_path: Path, unused_tcp_port: int) -> None:
+    import subprocess
+    import sys
+
+    from tandem import procs
+
+    worker = subprocess.Popen(  # noqa: ASYNC220 (a test)
+        [sys.executable, "-m", "services.decode", "--model", str(model_path), "--port", str(unused_tcp_port),
+         "--metrics-port", "0", "--num-threads", "1", "--num-kv-blocks", "64", "--kv-pull-processes", "2"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for _ in range(600):
+            if await asyncio.to_thread(procs.grpc_serving, f"127.0.0.1:{unused_tcp_port}"):
+                break
+            assert worker.poll() is None, "the decode worker exited"
+            await asyncio.sleep(0.1)
+        helpers = [pid for pid in _children(worker.pid) if "services.decode.pull_helper" in _cmdline(pid)]
+        assert len(helpers) == 2
+        worker.kill()
+        worker.wait()
+        for _ in range(100):  # their standard input ends with the worker
+            if not any(_running(pid) for pid in helpers):
+                break
+            await asyncio.sleep(0.05)
+        assert not any(_running(pid) for pid in helpers)
+    finally:
+        worker.kill()
+        worker.wait()

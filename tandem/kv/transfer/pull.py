@@ -248,9 +248,10 @@ class _StreamingPuller(abc.ABC):
 HELPER_METHOD = "/tandem.kv.v1.KvPullHelper/PullInto"
 # Transfers of fewer chunks go to the prefill worker itself and land in this process: a hold on the
 # worker and a helper's stream add round trips that only pay when there is work to share. On a
-# 16-core host 4 exporters + 4 helpers moved 12 MB (4 chunks) at 0.80-0.97 GB/s against 1.04 in one
-# process, 3 MB at 0.28 against 0.46, and 94 MB at 2.67 against 1.41.
-MIN_CHUNKS_FOR_PROCESSES = 8
+# 16-core host 4 exporters + 4 helpers moved 3 MB (1 chunk) at 0.28 GB/s against 0.46 in one
+# process, 12 MB (4) at 0.80-0.97 against 1.04, 25 MB (8) at 0.91-1.35 against 0.89-1.17, and
+# 94 MB (32) at 1.52-2.67 against 0.99-1.41.
+MIN_CHUNKS_FOR_PROCESSES = 16
 # How long a pull helper asked to stop may take to end its stream before it is killed.
 _HELPER_STOP_S = 5.0
 
