@@ -97,7 +97,7 @@ def _serve(shape: str, num_blocks: int, threads: int, shm_dir: str, ready: mp.Qu
             from tandem.kv.transfer.children import HelperProcesses
 
             helpers = HelperProcesses("services.prefill.exporter", exporter_args(
-                address, "127.0.0.1", shm_dir, engine.shared.info, export_threads), export_processes)
+                address, "127.0.0.1", shm_dir, engine.shared.info, engine.kv_layout(), export_threads), export_processes)
             servicer.pull_addresses = [f"127.0.0.1:{port}" for port in await helpers.start()]
         await service.set_serving(True)
         ready.put(address)
@@ -270,7 +270,7 @@ async def _pull_gbps(address: str, shape: str, num_tokens: int, runs: int, make_
         from tandem.kv.transfer.pull import PullHelpers
 
         assert sink_pool.shared is not None
-        helpers = HelperProcesses("services.decode.pull_helper", pull_helper_args(shm_dir, sink_pool.shared.info),
+        helpers = HelperProcesses("services.decode.pull_helper", pull_helper_args(shm_dir, sink_pool.shared.info, layout),
                                   pull_processes)
         ports = await helpers.start()
         puller.helpers = PullHelpers([f"127.0.0.1:{p}" for p in ports], helpers.alive, helpers.kill)  # type: ignore[attr-defined]

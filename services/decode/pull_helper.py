@@ -20,8 +20,9 @@ from typing import Any
 import grpc
 import structlog
 
+from tandem.engine.types import KVLayout
 from tandem.grpc_server import SERVER_OPTIONS
-from tandem.kv.transfer.children import helper_args, run_helper
+from tandem.kv.transfer.children import HelperServer, helper_args, run_helper
 from tandem.kv.transfer.chunks import ChunkPlanError, ChunkSpec, checksum, plan_chunks, tensor_from_bytes
 from tandem.kv.transfer.pull import PULL_METHOD, ChannelPool
 from tandem.kv.transfer.shared_pool import MappedPool, SharedPoolInfo
@@ -33,29 +34,19 @@ log = structlog.get_logger("decode.pull_helper")
 SERVICE_NAME = kv_pb2.DESCRIPTOR.services_by_name["KvPullHelper"].full_name
 
 
-def pull_helper_args(shm_dir: str, pool: SharedPoolInfo, threads: int = 2) -> list[str]:
+def pull_helper_args(shm_dir: str, pool: SharedPoolInfo, layout: KVLayout, threads: int = 2) -> list[str]:
     """The command line the worker gives each helper."""
-    return helper_args(pool, shm_dir=shm_dir, threads=threads)
+    return helper_args(pool, layout, shm_dir=shm_dir, threads=threads)
 
 
 class PullHelperServicer:
     """``tandem.kv.v1.KvPullHelper``: PullKv streams landed in the worker's mapped pool."""
 
-    def __init__(self, pool_info: SharedPoolInfo, shm_dir: str, threads: int) -> None:
-        self._pool_info = pool_info
-        self._shm_dir = shm_dir
-        self._pools: dict[tuple[int, int, int, int, str], MappedPool] = {}
+    def __init__(self, pool: MappedPool, threads: int) -> None:
+        self._pool = pool
         self._channels = ChannelPool(1)
         self._threads = threads
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="kv-land")
-
-    def _pool(self, job: kv_pb2.PullIntoRequest) -> MappedPool:
-        layout = layout_from_proto(job.layout)
-        key = (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype)
-        pool = self._pools.get(key)
-        if pool is None:
-            pool = self._pools[key] = MappedPool(self._shm_dir, self._pool_info, layout, writable=True)
-        return pool
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         handlers = {"PullInto": grpc.stream_stream_rpc_method_handler(
@@ -69,10 +60,13 @@ class PullHelperServicer:
         job = await anext(aiter(requests), None)
         if job is None:
             return
+        pool = self._pool
+        if layout_from_proto(job.layout) != pool.kv_layout():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"layout: {layout_from_proto(job.layout)} is not "
+                                f"the pool's {pool.kv_layout()}")
         try:
-            pool = self._pool(job)
             plan = plan_chunks(pool.kv_layout(), job.num_blocks, job.first_block, job.max_chunk_bytes)
-        except (ChunkPlanError, ValueError, OSError) as error:
+        except ChunkPlanError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"job: {error}")
             return
         if len(job.target_block_ids) != job.num_blocks - job.first_block:
@@ -163,16 +157,14 @@ class PullHelperServicer:
     async def close(self) -> None:
         await self._channels.close()
         self._executor.shutdown(wait=True)
-        for pool in self._pools.values():
-            pool.close()
 
 
-async def _serve(pool: SharedPoolInfo, spec: dict[str, Any]) -> grpc.aio.Server:
-    servicer = PullHelperServicer(pool, str(spec["shm_dir"]), int(spec["threads"]))
+def _serve(pool: MappedPool, spec: dict[str, Any]) -> HelperServer:
+    servicer = PullHelperServicer(pool, int(spec["threads"]))
     server = grpc.aio.server(options=SERVER_OPTIONS)
     servicer.add_to_server(server)
-    return server
+    return server, servicer.close
 
 
 if __name__ == "__main__":
-    run_helper("services.decode.pull_helper", _serve)
+    run_helper("services.decode.pull_helper", _serve, writable=True)

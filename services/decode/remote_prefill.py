@@ -96,7 +96,7 @@ class RemotePrefill:
                 log.warning("no pull helpers: the KV pool is not in host memory; this process pulls")
             return
         self._close_pool = pool.close
-        helpers = HelperProcesses("services.decode.pull_helper", pull_helper_args(self._config.shm_dir, pool.info),
+        helpers = HelperProcesses("services.decode.pull_helper", pull_helper_args(self._config.shm_dir, pool.info, self._engine.kv_layout()),
                                   count)
         ports = await helpers.start()
         self._helpers = helpers

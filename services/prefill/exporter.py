@@ -16,8 +16,9 @@ from typing import Any
 import grpc
 import structlog
 
+from tandem.engine.types import KVLayout
 from tandem.grpc_server import CHANNEL_OPTIONS, SERVER_OPTIONS
-from tandem.kv.transfer.children import helper_args, run_helper
+from tandem.kv.transfer.children import HelperServer, helper_args, run_helper
 from tandem.kv.transfer.chunks import ChunkPlanError, plan_chunks
 from tandem.kv.transfer.export import GrpcChunkExporter
 from tandem.kv.transfer.settings import MAX_CHUNK_BYTES
@@ -30,29 +31,19 @@ log = structlog.get_logger("prefill.exporter")
 SERVICE_NAME = kv_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name
 
 
-def exporter_args(worker_address: str, host: str, shm_dir: str, pool: SharedPoolInfo, threads: int = 2) -> list[str]:
+def exporter_args(worker_address: str, host: str, shm_dir: str, pool: SharedPoolInfo, layout: KVLayout,
+                  threads: int = 2) -> list[str]:
     """The command line the worker gives each exporter."""
-    return helper_args(pool, worker=worker_address, host=host, shm_dir=shm_dir, threads=threads)
+    return helper_args(pool, layout, worker=worker_address, host=host, shm_dir=shm_dir, threads=threads)
 
 
 class ExporterServicer:
     """PullKv over the mapped pool, each call under a HoldKv on the worker."""
 
-    def __init__(self, pool_info: SharedPoolInfo, shm_dir: str, worker: kv_pb2_grpc.PrefillServiceStub,
-                 threads: int) -> None:
-        self._pool_info = pool_info
-        self._shm_dir = shm_dir
-        self._pools: dict[tuple[int, int, int, int, str], MappedPool] = {}
+    def __init__(self, pool: MappedPool, worker: kv_pb2_grpc.PrefillServiceStub, threads: int) -> None:
+        self._pool = pool
         self._worker = worker
         self._exporter = GrpcChunkExporter(threads)
-
-    def _pool(self, layout_proto: kv_pb2.KvLayout) -> MappedPool:
-        layout = layout_from_proto(layout_proto)
-        key = (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype)
-        pool = self._pools.get(key)
-        if pool is None:  # the worker's layout never changes: mapped once
-            pool = self._pools[key] = MappedPool(self._shm_dir, self._pool_info, layout, writable=False)
-        return pool
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         handlers = {"PullKv": grpc.unary_stream_rpc_method_handler(
@@ -75,7 +66,9 @@ class ExporterServicer:
             if held is grpc.aio.EOF:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill worker ended the hold")
             assert isinstance(held, kv_pb2.HoldKvResponse)
-            pool = self._pool(held.layout)
+            pool = self._pool
+            if layout_from_proto(held.layout) != pool.kv_layout():
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the worker's pool layout changed")
             num_blocks = len(held.block_ids)
             try:
                 plan = plan_chunks(pool.kv_layout(), num_blocks, request.first_block, request.max_chunk_bytes)
@@ -108,18 +101,20 @@ class ExporterServicer:
 
     def close(self) -> None:
         self._exporter.close()
-        for pool in self._pools.values():
-            pool.close()
 
 
-async def _serve(pool: SharedPoolInfo, spec: dict[str, Any]) -> grpc.aio.Server:
+def _serve(pool: MappedPool, spec: dict[str, Any]) -> HelperServer:
     channel = grpc.aio.insecure_channel(str(spec["worker"]), options=CHANNEL_OPTIONS)
-    servicer = ExporterServicer(pool, str(spec["shm_dir"]), kv_pb2_grpc.PrefillServiceStub(channel),
-                                int(spec["threads"]))
+    servicer = ExporterServicer(pool, kv_pb2_grpc.PrefillServiceStub(channel), int(spec["threads"]))
     server = grpc.aio.server(options=SERVER_OPTIONS)
     servicer.add_to_server(server)
-    return server
+
+    async def close() -> None:
+        servicer.close()
+        await channel.close()
+
+    return server, close
 
 
 if __name__ == "__main__":
-    run_helper("services.prefill.exporter", _serve)
+    run_helper("services.prefill.exporter", _serve, writable=False)

@@ -167,7 +167,7 @@ async def serve(config: PrefillConfig, *, engine_factory: EngineFactory = create
                 closers.append(shared_pool.close)
                 if config.kv_export_processes:
                     helpers = HelperProcesses("services.prefill.exporter", exporter_args(
-                        address, config.host, config.shm_dir, shared_pool.info), config.kv_export_processes)
+                        address, config.host, config.shm_dir, shared_pool.info, prefill_engine.kv_layout()), config.kv_export_processes)
                     closers.append(helpers)
                     ports = await helpers.start()
                     servicer.pull_addresses = [f"{config.advertise_host}:{port}" for port in ports]

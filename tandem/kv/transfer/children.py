@@ -26,7 +26,8 @@ from typing import Any
 import grpc
 import structlog
 
-from tandem.kv.transfer.shared_pool import SharedPoolInfo
+from tandem.engine.types import KVLayout
+from tandem.kv.transfer.shared_pool import MappedPool, SharedPoolInfo
 from tandem.kv.transfer.tuning import keep_large_buffers_in_heap
 from tandem.telemetry.logging import configure_logging
 
@@ -98,24 +99,29 @@ def _read_port(proc: subprocess.Popen[bytes]) -> int:
     return int(line[len(_READY):])
 
 
-def helper_args(pool: SharedPoolInfo, **settings: object) -> list[str]:
-    """The command line a worker gives a helper: its pool and settings, as one JSON argument."""
-    spec = {**settings, "pool": [pool.segment, pool.segment_size, pool.k_offset, pool.v_offset, pool.num_slots]}
+def helper_args(pool: SharedPoolInfo, layout: KVLayout, **settings: object) -> list[str]:
+    """The command line a worker gives a helper: its pool, the pool's layout and settings, as one JSON argument."""
+    spec = {**settings, "pool": [pool.segment, pool.segment_size, pool.k_offset, pool.v_offset, pool.num_slots],
+            "layout": [layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_size, layout.dtype]}
     return ["--spec", json.dumps(spec)]
 
 
-def run_helper(name: str, serve: Callable[[SharedPoolInfo, dict[str, Any]], Awaitable[grpc.aio.Server]],
+HelperServer = tuple[grpc.aio.Server, Callable[[], Awaitable[None]]]
+
+
+def run_helper(name: str, serve: Callable[[MappedPool, dict[str, Any]], HelperServer], *, writable: bool,
                host: str = "127.0.0.1") -> None:
-    """A helper's ``main``: parse ``--spec``, build its server with ``serve``, bind a free port on
-    ``host`` (the spec's ``host`` when given), announce it, serve until the worker closes our
-    standard input or sends SIGTERM."""
+    """A helper's ``main``: parse ``--spec``, map the worker's pool, build the server with ``serve``
+    (the server and what to close after it), bind a free port on ``host`` (the spec's ``host`` when
+    given), announce it, and serve until the worker closes our standard input or sends SIGTERM.
+    SIGINT is ignored: a Ctrl-C in the worker's terminal reaches the helpers too, and the worker
+    stops them itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parser = argparse.ArgumentParser(prog=f"python -m {name}")
     parser.add_argument("--spec", required=True, help="JSON from helper_args()")
     spec = json.loads(parser.parse_args().spec)
     configure_logging(name.rsplit(".", 1)[-1].replace("_", "-"))
     keep_large_buffers_in_heap()
-    segment, size, k_offset, v_offset, num_slots = spec.pop("pool")
-    pool = SharedPoolInfo(str(segment), int(size), int(k_offset), int(v_offset), int(num_slots))
 
     async def main() -> None:
         stopped = asyncio.Event()
@@ -124,22 +130,30 @@ def run_helper(name: str, serve: Callable[[SharedPoolInfo, dict[str, Any]], Awai
 
         def watch() -> None:  # the worker closed our standard input, or died
             with contextlib.suppress(OSError):
-                while sys.stdin.buffer.read(4096):
+                while os.read(0, 4096):  # the raw descriptor: no buffer lock held at interpreter exit
                     pass
-            loop.call_soon_threadsafe(stopped.set)
+            with contextlib.suppress(RuntimeError):  # the loop already ended (SIGTERM came first)
+                loop.call_soon_threadsafe(stopped.set)
 
         threading.Thread(target=watch, name="worker-watch", daemon=True).start()
-        server = await serve(pool, spec)
+        segment, size, k_offset, v_offset, num_slots = spec["pool"]
+        info = SharedPoolInfo(str(segment), int(size), int(k_offset), int(v_offset), int(num_slots))
+        layers, heads, head_dim, block_size, dtype = spec["layout"]
+        pool = MappedPool(str(spec["shm_dir"]), info, KVLayout(layers, heads, head_dim, block_size, dtype),
+                          writable=writable)  # maps every page now, not during the first transfer
+        server, close = serve(pool, spec)
         port = server.add_insecure_port(f"{spec.get('host', host)}:0")
         await server.start()
         sys.stdout.write(f"{_READY}{port}\n")
         sys.stdout.flush()
         os.dup2(2, 1)  # anything printed later goes to standard error: nobody reads the pipe now
-        log.info("helper serving", helper=name, port=port, pool=pool.segment)
+        log.info("helper serving", helper=name, port=port, pool=info.segment)
         await stopped.wait()
         loop.remove_signal_handler(signal.SIGTERM)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second stop signal (the worker died too) just ends us
         await server.stop(0.5)
+        await close()
+        pool.close()
 
     try:
         asyncio.run(main())
