@@ -60,6 +60,7 @@ class PrefillWorker:
     _exporters: list[ChunkExporter]
     _metrics_server: WSGIServer | None
     _closers: list[Callable[[], None] | HelperProcesses] = field(default_factory=list)
+    _export_addresses: list[str] = field(default_factory=list)  # of the exporter processes, in start order
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _serving: bool = False
     _stopping: asyncio.Task[None] | None = None
@@ -112,12 +113,26 @@ class PrefillWorker:
                 self.metrics.observe_stats(self.engine.stats())
             except Exception:
                 log.exception("engine stats failed")
+            self._drop_exited_exporters()
             if self._serving and not self.engine.healthy():
                 log.error("engine is no longer healthy; reporting NOT_SERVING")
                 await self._set_serving(False)
                 if self.registration is not None:
                     await self.registration.stop()
             await asyncio.sleep(_WATCH_INTERVAL_S)
+
+
+    def _drop_exited_exporters(self) -> None:
+        """Handles stop listing an exporter process that exited (its pulls would only fail and retry)."""
+        exporters = next((c for c in self._closers if isinstance(c, HelperProcesses)), None)
+        if exporters is None:
+            return
+        live = [address for i, address in enumerate(self._export_addresses) if exporters.alive(i)]
+        if live != self.servicer.pull_addresses:
+            gone = sorted(set(self.servicer.pull_addresses) - set(live))
+            log.error("a KV exporter process exited; handles no longer list it", exporters=gone,
+                      exporters_left=len(live))
+            self.servicer.pull_addresses = live
 
 
 async def _close_all(closers: list[Callable[[], None] | HelperProcesses]) -> None:
@@ -200,7 +215,8 @@ async def serve(config: PrefillConfig, *, engine_factory: EngineFactory = create
         config=config, worker_id=worker_id, port=grpc_service.port, address=address,
         metrics_port=metrics_server.server_address[1] if metrics_server else None, engine=prefill_engine,
         metrics=metrics, export_metrics=export_metrics, servicer=servicer, registration=registration,
-        _grpc=grpc_service, _exporters=list(exporters.values()), _metrics_server=metrics_server, _closers=closers)
+        _grpc=grpc_service, _exporters=list(exporters.values()), _metrics_server=metrics_server, _closers=closers,
+        _export_addresses=list(servicer.pull_addresses))
     await worker._set_serving(True)
     worker._tasks.append(asyncio.create_task(worker._watch(), name="prefill-watch"))
     expiry_interval_s = min(1.0, config.kv_lease_s / 4)

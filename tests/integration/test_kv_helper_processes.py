@@ -220,6 +220,12 @@ async def test_a_killed_exporter_costs_a_retry_not_the_output(
                 break
             await asyncio.sleep(0.05)
         assert victim_worker.engine.stats().num_kv_blocks_used == 0
+        # The worker noticed (its watch loop): new handles list only the exporter left.
+        async with grpc.aio.insecure_channel(victim_worker.address) as channel:
+            stub = kv_pb2_grpc.PrefillServiceStub(channel)
+            response = await stub.Prefill(kv_pb2.PrefillRequest(request_id="after-kill", prompt_token_ids=[1] * 40))
+            await stub.ReleaseKv(kv_pb2.ReleaseKvRequest(transfer_id=response.handle.transfer_id))
+        assert len(response.handle.pull_addresses) == 1
     finally:
         remote.before_pull = None
         await victim_worker.stop(0)

@@ -265,9 +265,16 @@ class PullHelpers:
         self.alive = alive
         self.kill = kill
         self._channels = [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for address in addresses]
+        self._reported: set[int] = set()  # exited helpers already logged
 
     def live(self) -> list[int]:
-        return [index for index in range(len(self.addresses)) if self.alive(index)]
+        live = [index for index in range(len(self.addresses)) if self.alive(index)]
+        if len(live) < len(self.addresses) - len(self._reported):
+            for index in sorted(set(range(len(self.addresses))) - set(live) - self._reported):
+                log.error("a KV pull helper process exited; pulling with the others", helper=index,
+                          helpers_left=len(live))
+                self._reported.add(index)
+        return live
 
     def channel(self, index: int) -> grpc.aio.Channel:
         return self._channels[index]
