@@ -368,9 +368,10 @@ def main() -> None:
 
 
 def _measure_shape(args: argparse.Namespace, shape: str, shm_dir: str) -> list[list[object]]:
-    from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller, ShmKvPuller
+    from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller
     from tandem.kv.transfer.settings import PullSettings
     from tandem.kv.transfer.shm import SegmentReader
+    from tandem.kv.transfer.shm_pull import ShmKvPuller
 
     chunk = args.chunk_kib * 1024
     rows: list[list[object]] = []

@@ -24,8 +24,9 @@ from tandem.kv.transfer.children import HelperProcesses
 from tandem.kv.transfer.host import host_id
 from tandem.kv.transfer.metrics import PullMetrics
 from tandem.kv.transfer.protocol import ImportingEngine, KvPuller, KvTransferError, TransferHandle
-from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller, PullHelpers, ShmKvPuller
+from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller, PullHelpers
 from tandem.kv.transfer.shm import SegmentReader
+from tandem.kv.transfer.shm_pull import ShmKvPuller
 from tandem.kv.transfer.wire import handle_from_proto
 from tandem.proto.kv.v1 import kv_pb2, kv_pb2_grpc
 from tandem.proto.worker.v1 import worker_pb2

@@ -21,9 +21,10 @@ from tandem.kv.transfer.export import GrpcChunkExporter, ShmChunkExporter
 from tandem.kv.transfer.host import host_id
 from tandem.kv.transfer.metrics import ExportMetrics
 from tandem.kv.transfer.protocol import KvTransferError, TransferHandle
-from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller, ShmKvPuller
+from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller
 from tandem.kv.transfer.settings import PullSettings
 from tandem.kv.transfer.shm import SegmentReader
+from tandem.kv.transfer.shm_pull import ShmKvPuller
 from tandem.kv.transfer.synthetic import SyntheticKvPool, SyntheticPrefillEngine
 from tandem.kv.transfer.wire import handle_from_proto
 from tandem.proto.kv.v1 import kv_pb2, kv_pb2_grpc

@@ -14,9 +14,10 @@ import torch
 
 from tandem.engine.types import KVLayout
 from tandem.kv.transfer.protocol import KvTransferError, TransferHandle
-from tandem.kv.transfer.pull import _INLINE_BYTES, ChannelPool, ShmKvPuller
+from tandem.kv.transfer.pull import ChannelPool
 from tandem.kv.transfer.settings import PullSettings
 from tandem.kv.transfer.shm import SegmentReader
+from tandem.kv.transfer.shm_pull import _INLINE_BYTES, ShmKvPuller
 from tandem.kv.transfer.synthetic import SyntheticKvPool
 
 # 256 KiB a block (all layers, K and V): 64 blocks are 16 MiB, well over the inline bound.
