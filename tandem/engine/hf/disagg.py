@@ -102,10 +102,13 @@ class DisaggregationMixin:
         return self.runner.read_blocks(block_ids, layer_start, layer_count, out)
 
     async def share_kv_pool(self, shm_dir: str) -> SharedKvPool | None:
-        """Move the KV pool into a shared-memory file under ``shm_dir`` (prefill role, after start()).
+        """Move the KV pool into a shared-memory file under ``shm_dir`` (after start()).
 
-        Decode workers on this host then copy pinned blocks straight out of it. None when the pool
-        is not in host memory (a GPU pool stays where it is; transfers then go through staging).
+        A prefill worker's: decode workers on this host then copy pinned blocks straight out of it,
+        and its exporter processes read it. A decode worker's: its pull helper processes write
+        received blocks into it. The file is in ordinary pages, not the transparent huge pages of
+        the private pool. None when the pool is not in host memory (a GPU pool stays where it is;
+        transfers then go through staging).
         The caller closes the returned pool (removes the file) after the engine has stopped.
         """
         from tandem.kv.transfer.shared_pool import SharedKvPool
