@@ -16,12 +16,11 @@ from typing import Any
 import grpc
 import structlog
 
+from services.prefill.servicer import requested_plan
 from tandem.engine.types import KVLayout
 from tandem.grpc_server import CHANNEL_OPTIONS, SERVER_OPTIONS
 from tandem.kv.transfer.children import HelperServer, helper_args, run_helper
-from tandem.kv.transfer.chunks import ChunkPlanError, plan_chunks
 from tandem.kv.transfer.export import GrpcChunkExporter
-from tandem.kv.transfer.settings import MAX_CHUNK_BYTES
 from tandem.kv.transfer.shared_pool import MappedPool, SharedPoolInfo
 from tandem.kv.transfer.wire import layout_from_proto
 from tandem.proto.kv.v1 import kv_pb2, kv_pb2_grpc
@@ -55,9 +54,6 @@ class ExporterServicer:
     ) -> AsyncIterator[bytes]:
         if request.transport != kv_pb2.KV_TRANSPORT_GRPC:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "transport: an exporter process serves gRPC only")
-        if not 0 < request.max_chunk_bytes <= MAX_CHUNK_BYTES:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"max_chunk_bytes: must be in (0, {MAX_CHUNK_BYTES}], got {request.max_chunk_bytes}")
         hold = self._worker.HoldKv(timeout=context.time_remaining())
         bytes_sent = chunks_sent = 0
         try:
@@ -69,17 +65,10 @@ class ExporterServicer:
             pool = self._pool
             if layout_from_proto(held.layout) != pool.kv_layout():
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the worker's pool layout changed")
-            num_blocks = len(held.block_ids)
             try:
-                plan = plan_chunks(pool.kv_layout(), num_blocks, request.first_block, request.max_chunk_bytes)
-            except ChunkPlanError as error:
+                plan = requested_plan(pool.kv_layout(), len(held.block_ids), request)
+            except ValueError as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            if request.sequence_numbers:
-                wanted = set(request.sequence_numbers)
-                if max(wanted) >= len(plan):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        f"sequence_numbers: the plan has {len(plan)} chunks")
-                plan = [chunk for chunk in plan if chunk.sequence_number in wanted]
             messages = self._exporter.chunks(request.transfer_id, pool, list(held.block_ids), plan,
                                              skip_checksum=request.skip_checksum)
             try:

@@ -10,10 +10,10 @@ import grpc
 import structlog
 
 from services.decode.convert import sampling_from_proto
-from tandem.engine.types import EngineRequest, FinishReason
+from tandem.engine.types import EngineRequest, FinishReason, KVLayout
 from tandem.errors import InvalidRequest, ResourceExhausted, TandemError
 from tandem.grpc_server import bind_request_id, request_id_from_context
-from tandem.kv.transfer.chunks import ChunkPlanError, plan_chunks
+from tandem.kv.transfer.chunks import ChunkSpec, plan_chunks
 from tandem.kv.transfer.leases import CANCELLED, RELEASED, Lease, LeaseTable
 from tandem.kv.transfer.metrics import ExportMetrics
 from tandem.kv.transfer.protocol import ChunkExporter, PrefillEngine
@@ -173,20 +173,11 @@ class PrefillServicer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"transport: this prefill worker serves {served}")
             return
-        if not 0 < request.max_chunk_bytes <= MAX_CHUNK_BYTES:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"max_chunk_bytes: must be in (0, {MAX_CHUNK_BYTES}], got {request.max_chunk_bytes}")
         num_blocks = -(-lease.num_tokens // self._block_size)
         try:
-            plan = plan_chunks(self._engine.kv_layout(), num_blocks, request.first_block, request.max_chunk_bytes)
-        except ChunkPlanError as error:
+            plan = requested_plan(self._engine.kv_layout(), num_blocks, request)
+        except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        if request.sequence_numbers:
-            wanted = set(request.sequence_numbers)
-            if max(wanted) >= len(plan):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"sequence_numbers: the plan has {len(plan)} chunks")
-            plan = [chunk for chunk in plan if chunk.sequence_number in wanted]
         transport = _TRANSPORT_NAMES[request.transport]
         with self.leases.pulling(lease):
             messages = exporter.chunks(lease.transfer_id, self._engine, lease.block_ids[:num_blocks], plan,
@@ -228,6 +219,19 @@ class PrefillServicer:
         self, request: kv_pb2.ReleaseKvRequest, context: grpc.aio.ServicerContext
     ) -> kv_pb2.ReleaseKvResponse:
         return kv_pb2.ReleaseKvResponse(released=await self.leases.release(request.transfer_id, RELEASED))
+
+
+def requested_plan(layout: KVLayout, num_blocks: int, request: kv_pb2.PullKvRequest) -> list[ChunkSpec]:
+    """The chunks a PullKv call asks for, of a lease of ``num_blocks``; ValueError naming the bad field."""
+    if not 0 < request.max_chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"max_chunk_bytes: must be in (0, {MAX_CHUNK_BYTES}], got {request.max_chunk_bytes}")
+    plan = plan_chunks(layout, num_blocks, request.first_block, request.max_chunk_bytes)  # ChunkPlanError
+    if request.sequence_numbers:
+        wanted = set(request.sequence_numbers)
+        if max(wanted) >= len(plan):
+            raise ValueError(f"sequence_numbers: the plan has {len(plan)} chunks")
+        plan = [chunk for chunk in plan if chunk.sequence_number in wanted]
+    return plan
 
 
 def _already_encoded(message: bytes) -> bytes:

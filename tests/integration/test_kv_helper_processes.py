@@ -165,6 +165,37 @@ async def test_hold_kv_names_an_unknown_transfer(prefill: PrefillWorker) -> None
     assert error.value.code() == grpc.StatusCode.NOT_FOUND and "transfer_id" in (error.value.details() or "")
 
 
+async def test_an_exporter_names_what_is_wrong_with_a_pull(prefill: PrefillWorker) -> None:
+    async with grpc.aio.insecure_channel(prefill.address) as channel:
+        stub = kv_pb2_grpc.PrefillServiceStub(channel)
+        leased = await stub.Prefill(kv_pb2.PrefillRequest(request_id="bad-pulls", prompt_token_ids=[1] * 40))
+    transfer_id = leased.handle.transfer_id
+    cases = [
+        (kv_pb2.PullKvRequest(transfer_id="nobody", max_chunk_bytes=1 << 20, transport=kv_pb2.KV_TRANSPORT_GRPC),
+         grpc.StatusCode.NOT_FOUND, "transfer_id"),
+        (kv_pb2.PullKvRequest(transfer_id=transfer_id, max_chunk_bytes=0, transport=kv_pb2.KV_TRANSPORT_GRPC),
+         grpc.StatusCode.INVALID_ARGUMENT, "max_chunk_bytes"),
+        (kv_pb2.PullKvRequest(transfer_id=transfer_id, max_chunk_bytes=1 << 20, transport=kv_pb2.KV_TRANSPORT_SHM),
+         grpc.StatusCode.INVALID_ARGUMENT, "transport"),
+        (kv_pb2.PullKvRequest(transfer_id=transfer_id, max_chunk_bytes=1 << 20, sequence_numbers=[99],
+                              transport=kv_pb2.KV_TRANSPORT_GRPC), grpc.StatusCode.INVALID_ARGUMENT, "sequence_numbers"),
+    ]
+    try:
+        async with grpc.aio.insecure_channel(leased.handle.pull_addresses[0]) as channel:
+            stub = kv_pb2_grpc.PrefillServiceStub(channel)
+            for message, code, field in cases:
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    async for _ in stub.PullKv(message):
+                        pass
+                assert error.value.code() == code and field in (error.value.details() or ""), field
+            chunks = [chunk async for chunk in stub.PullKv(kv_pb2.PullKvRequest(  # and it still serves
+                transfer_id=transfer_id, max_chunk_bytes=1 << 20, transport=kv_pb2.KV_TRANSPORT_GRPC))]
+            assert len(chunks) == 3 and chunks[0].crc32c
+    finally:
+        async with grpc.aio.insecure_channel(prefill.address) as channel:
+            await kv_pb2_grpc.PrefillServiceStub(channel).ReleaseKv(kv_pb2.ReleaseKvRequest(transfer_id=transfer_id))
+
+
 async def test_a_pull_helper_killed_mid_transfer_costs_a_retry_not_the_output(
         prefill: PrefillWorker, aggregated: DecodeWorker, decode: DecodeWorker, tokenizer: Any) -> None:
     remote = decode.remote_prefill
