@@ -291,14 +291,24 @@ async def test_a_client_leaving_mid_transfer_frees_blocks_on_both_sides(
         prefill.servicer.before_hold = None
 
 
-async def test_helpers_leave_with_their_workers(model_path: Path) -> None:
-    prefill = await serve_prefill(prefill_config(model_path, num_kv_blocks=64, kv_export_processes=1))
-    decode = await serve_decode(decode_config(model_path, num_kv_blocks=64, kv_pull_processes=1))
-    assert decode.remote_prefill is not None
-    pids = _exporter_pids(prefill) + decode.remote_prefill.helper_pids
-    assert len(pids) == 2 and all(_running(pid) for pid in pids)
-    await prefill.stop(0)
-    await decode.stop(0)
+async def test_helpers_pull_from_a_worker_without_exporters_and_leave_with_their_workers(
+        model_path: Path, aggregated: DecodeWorker, tokenizer: Any) -> None:
+    prefill = await serve_prefill(prefill_config(model_path, num_kv_blocks=96, kv_transport="grpc"))
+    decode = await serve_decode(decode_config(model_path, num_kv_blocks=96, kv_transport="grpc",
+                                              kv_pull_processes=1))
+    try:
+        assert decode.remote_prefill is not None and prefill.exporter_pids == []
+        ids = _long_prompt(tokenizer, "ferries")
+        expected, _ = await generate(aggregated, request(ids, "ref-no-exporters"))
+        tokens, _ = await generate(decode, request(ids, "no-exporters", hint(prefill)))
+        assert tokens == expected
+        assert sample(prefill, "tandem_kv_transfer_sent_bytes_total", {"transport": "grpc"}) > 0  # served by the worker
+        assert sample(decode, "tandem_worker_prefills_total", {"where": "remote", "reason": ""}) == 1
+        pids = decode.remote_prefill.helper_pids
+        assert len(pids) == 1 and all(_running(pid) for pid in pids)
+    finally:
+        await prefill.stop(0)
+        await decode.stop(0)
     assert not any(_running(pid) for pid in pids)
 
 
