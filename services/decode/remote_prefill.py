@@ -27,6 +27,7 @@ from tandem.kv.transfer.protocol import ImportingEngine, KvPuller, KvTransferErr
 from tandem.kv.transfer.pull import ChannelPool, GrpcKvPuller, PullHelpers
 from tandem.kv.transfer.shm import SegmentReader
 from tandem.kv.transfer.shm_pull import ShmKvPuller
+from tandem.kv.transfer.sweep import sweep_orphans
 from tandem.kv.transfer.wire import handle_from_proto
 from tandem.proto.kv.v1 import kv_pb2, kv_pb2_grpc
 from tandem.proto.worker.v1 import worker_pb2
@@ -91,6 +92,9 @@ class RemotePrefill:
         helpers over it (after the engine started). Not for pools outside host memory."""
         count = self._config.kv_pull_processes
         share = getattr(self._engine, "share_kv_pool", None)
+        if count and share is not None:
+            # A pool file a killed decode worker of this PID namespace left behind goes first.
+            await asyncio.to_thread(sweep_orphans, self._config.shm_dir)
         pool = await share(self._config.shm_dir) if count and share is not None else None
         if pool is None:
             if count:

@@ -292,11 +292,22 @@ async def test_a_client_leaving_mid_transfer_frees_blocks_on_both_sides(
 
 
 async def test_helpers_pull_from_a_worker_without_exporters_and_leave_with_their_workers(
-        model_path: Path, aggregated: DecodeWorker, tokenizer: Any) -> None:
+        model_path: Path, aggregated: DecodeWorker, tokenizer: Any, tmp_path: Path) -> None:
+    import dataclasses
+
+    from tandem.kv.transfer.sweep import owner_token
+    from tandem.procinfo import own_identity
+
+    # What a SIGKILLed decode worker of this PID namespace would have left (an earlier process, same pid).
+    me = own_identity()
+    orphan = tmp_path / f"tandem-kv-pool-{owner_token(dataclasses.replace(me, start_ticks=me.start_ticks - 1))}"
+    orphan.write_bytes(b"\0" * 4096)
     prefill = await serve_prefill(prefill_config(model_path, num_kv_blocks=96, kv_transport="grpc"))
     decode = await serve_decode(decode_config(model_path, num_kv_blocks=96, kv_transport="grpc",
-                                              kv_pull_processes=1))
+                                              kv_pull_processes=1, shm_dir=str(tmp_path)))
     try:
+        assert not orphan.exists()  # swept before the worker made its own pool file
+        assert [name.startswith("tandem-kv-pool-") for name in os.listdir(tmp_path)] == [True]
         assert decode.remote_prefill is not None and prefill.exporter_pids == []
         ids = _long_prompt(tokenizer, "ferries")
         expected, _ = await generate(aggregated, request(ids, "ref-no-exporters"))
