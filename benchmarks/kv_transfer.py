@@ -273,7 +273,7 @@ async def _pull_gbps(address: str, shape: str, num_tokens: int, runs: int, make_
         helpers = HelperProcesses("services.decode.pull_helper", pull_helper_args(shm_dir, sink_pool.shared.info, layout),
                                   pull_processes)
         ports = await helpers.start()
-        puller.helpers = PullHelpers([f"127.0.0.1:{p}" for p in ports], helpers.alive, helpers.kill)  # type: ignore[attr-defined]
+        puller.helpers = PullHelpers([f"127.0.0.1:{p}" for p in ports], helpers.alive, helpers.kill, helpers.token)  # type: ignore[attr-defined]
     num_bytes = num_tokens * layout.bytes_per_block_layer * layout.num_layers // BLOCK_SIZE
     copy_src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
     copy_dst = torch.empty_like(copy_src)

@@ -22,7 +22,13 @@ import structlog
 
 from tandem.engine.types import KVLayout
 from tandem.grpc_server import SERVER_OPTIONS
-from tandem.kv.transfer.children import HelperServer, helper_args, run_helper
+from tandem.kv.transfer.children import (
+    HELPER_TOKEN_HEADER,
+    HelperServer,
+    helper_args,
+    run_helper,
+    token_matches,
+)
 from tandem.kv.transfer.chunks import ChunkPlanError, ChunkSpec, checksum, plan_chunks, tensor_from_bytes
 from tandem.kv.transfer.pull import PULL_METHOD, ChannelPool
 from tandem.kv.transfer.shared_pool import MappedPool, SharedPoolInfo
@@ -57,6 +63,8 @@ class PullHelperServicer:
     async def PullInto(  # noqa: N802 (gRPC method name)
         self, requests: AsyncIterator[kv_pb2.PullIntoRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kv_pb2.PullIntoResponse]:
+        if not token_matches(context):  # it listens on loopback: only its own worker may write into the pool
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{HELPER_TOKEN_HEADER}: not this helper's worker")
         job = await anext(aiter(requests), None)
         if job is None:
             return

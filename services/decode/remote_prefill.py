@@ -105,7 +105,8 @@ class RemotePrefill:
                                   count)
         ports = await helpers.start()
         self._helpers = helpers
-        self.grpc_puller.helpers = PullHelpers([f"127.0.0.1:{port}" for port in ports], helpers.alive, helpers.kill)
+        self.grpc_puller.helpers = PullHelpers([f"127.0.0.1:{port}" for port in ports], helpers.alive, helpers.kill,
+                                                helpers.token)
         log.info("KV pull helpers serving", pids=helpers.pids)
 
     @property

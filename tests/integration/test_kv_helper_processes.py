@@ -196,6 +196,22 @@ async def test_an_exporter_names_what_is_wrong_with_a_pull(prefill: PrefillWorke
             await kv_pb2_grpc.PrefillServiceStub(channel).ReleaseKv(kv_pb2.ReleaseKvRequest(transfer_id=transfer_id))
 
 
+async def test_a_pull_helper_serves_only_its_own_worker(decode: DecodeWorker) -> None:
+    remote = decode.remote_prefill
+    assert remote is not None and remote.grpc_puller.helpers is not None
+    async with grpc.aio.insecure_channel(remote.grpc_puller.helpers.addresses[0]) as channel:
+        call = channel.stream_stream("/tandem.kv.v1.KvPullHelper/PullInto",
+                                     request_serializer=kv_pb2.PullIntoRequest.SerializeToString,
+                                     response_deserializer=kv_pb2.PullIntoResponse.FromString)(
+            metadata=(("x-tandem-helper-token", "guessed"),))
+        await call.write(kv_pb2.PullIntoRequest(transfer_id="t", address="127.0.0.1:1", num_blocks=1,
+                                                target_block_ids=[0], max_chunk_bytes=1 << 20))
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call.read()
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "x-tandem-helper-token" in (error.value.details() or "")
+
+
 async def test_a_pull_helper_killed_mid_transfer_costs_a_retry_not_the_output(
         prefill: PrefillWorker, aggregated: DecodeWorker, decode: DecodeWorker, tokenizer: Any) -> None:
     remote = decode.remote_prefill

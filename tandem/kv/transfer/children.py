@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -34,6 +36,20 @@ from tandem.telemetry.logging import configure_logging
 log = structlog.get_logger("kv.transfer")
 
 _READY = "tandem-helper-port "
+_TOKEN_ENV = "TANDEM_HELPER_TOKEN"
+HELPER_TOKEN_HEADER = "x-tandem-helper-token"
+
+
+def helper_token() -> str:
+    """Helper side: the token its worker's calls carry (empty outside a helper)."""
+    return os.environ.get(_TOKEN_ENV, "")
+
+
+def token_matches(context: grpc.aio.ServicerContext) -> bool:
+    """Helper side: the call carries this helper's token (its worker made it)."""
+    given = dict(context.invocation_metadata() or ()).get(HELPER_TOKEN_HEADER, "")
+    expected = helper_token()
+    return bool(expected) and hmac.compare_digest(str(given), expected)
 _ROOT = str(Path(__file__).resolve().parents[3])  # the folder holding tandem/ and services/
 
 
@@ -45,6 +61,9 @@ class HelperProcesses:
         self._args = list(args)
         self._count = count
         self._procs: list[subprocess.Popen[bytes]] = []
+        # Callers of a helper that listens on loopback show this (HELPER_TOKEN_HEADER); it travels in
+        # the environment, which other users cannot read (/proc/PID/environ), not the command line.
+        self.token = secrets.token_hex(16)
 
     @property
     def pids(self) -> list[int]:
@@ -56,7 +75,7 @@ class HelperProcesses:
     async def start(self, timeout_s: float = 60.0) -> list[int]:
         """Start the helpers and wait for their ports."""
         path = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", _TOKEN_ENV: self.token}
         for _ in range(self._count):
             # No preexec_fn, so the child is spawned without forking this (large, threaded) process.
             self._procs.append(subprocess.Popen(  # noqa: ASYNC220 (milliseconds)

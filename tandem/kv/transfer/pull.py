@@ -20,6 +20,7 @@ import grpc
 import structlog
 
 from tandem.grpc_server import CHANNEL_OPTIONS
+from tandem.kv.transfer.children import HELPER_TOKEN_HEADER
 from tandem.kv.transfer.chunks import (
     ChunkSpec,
     checksum,
@@ -255,8 +256,10 @@ class PullHelpers:
     """The decode worker's pull helper processes (``services.decode.pull_helper``): their addresses,
     a channel to each, and how to stop one that does not end its stream when asked."""
 
-    def __init__(self, addresses: Sequence[str], alive: Callable[[int], bool], kill: Callable[[int], None]) -> None:
+    def __init__(self, addresses: Sequence[str], alive: Callable[[int], bool], kill: Callable[[int], None],
+                 token: str) -> None:
         self.addresses = list(addresses)
+        self.metadata = ((HELPER_TOKEN_HEADER, token),)  # proves the calls come from the helpers' worker
         self.alive = alive
         self.kill = kill
         self._channels = [grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) for address in addresses]
@@ -327,7 +330,7 @@ class GrpcKvPuller(_StreamingPuller):
         assert self.helpers is not None
         call = self.helpers.channel(index).stream_stream(
             HELPER_METHOD, request_serializer=kv_pb2.PullIntoRequest.SerializeToString,
-            response_deserializer=kv_pb2.PullIntoResponse.FromString)()
+            response_deserializer=kv_pb2.PullIntoResponse.FromString)(metadata=self.helpers.metadata)
         ended = False  # the helper's handler has returned: it writes nothing more
         try:
             await call.write(kv_pb2.PullIntoRequest(
