@@ -29,8 +29,8 @@ from tandem.kv.transfer.children import (
     run_helper,
     token_matches,
 )
-from tandem.kv.transfer.chunks import ChunkPlanError, ChunkSpec, checksum, plan_chunks, tensor_from_bytes
-from tandem.kv.transfer.pull import PULL_METHOD, ChannelPool
+from tandem.kv.transfer.chunks import ChunkPlanError, ChunkSpec, plan_chunks, tensor_from_bytes
+from tandem.kv.transfer.pull import PULL_METHOD, ChannelPool, payload_problem, slice_problem
 from tandem.kv.transfer.shared_pool import MappedPool, SharedPoolInfo
 from tandem.kv.transfer.wire import decode_chunk, layout_from_proto
 from tandem.proto.kv.v1 import kv_pb2
@@ -149,14 +149,9 @@ class PullHelperServicer:
     def _land(pool: MappedPool, job: kv_pb2.PullIntoRequest, targets: list[int], chunk: ChunkSpec,
               header: kv_pb2.KvChunk, data: memoryview) -> str | None:
         """On a thread: verify the chunk and write it into the reserved blocks; the problem, if any."""
-        got = (header.layer_start, header.num_layers, header.block_start, header.num_blocks)
-        want = (chunk.layer_start, chunk.num_layers, chunk.block_start, chunk.num_blocks)
-        if got != want:
-            return f"slice {got} != planned {want}"
-        if len(data) != chunk.num_bytes:
-            return f"size {len(data)} != {chunk.num_bytes}"
-        if checksum(data) != header.crc32c:
-            return "checksum mismatch"
+        problem = slice_problem(header, chunk) or payload_problem(chunk, data, header.crc32c)
+        if problem is not None:
+            return problem
         start = chunk.block_start - job.first_block
         pool.write_blocks(targets[start : start + chunk.num_blocks], chunk.layer_start,
                           tensor_from_bytes(data, pool.kv_layout(), chunk))

@@ -101,8 +101,8 @@ class RemotePrefill:
                 log.warning("no pull helpers: the KV pool is not in host memory; this process pulls")
             return
         self._close_pool = pool.close
-        helpers = HelperProcesses("services.decode.pull_helper", pull_helper_args(self._config.shm_dir, pool.info, self._engine.kv_layout()),
-                                  count)
+        helpers = HelperProcesses("services.decode.pull_helper",
+                                  pull_helper_args(self._config.shm_dir, pool.info, self._engine.kv_layout()), count)
         ports = await helpers.start()
         self._helpers = helpers
         self.grpc_puller.helpers = PullHelpers([f"127.0.0.1:{port}" for port in ports], helpers.alive, helpers.kill,

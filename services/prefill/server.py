@@ -60,7 +60,8 @@ class PrefillWorker:
     _exporters: list[ChunkExporter]
     _metrics_server: WSGIServer | None
     _closers: list[Callable[[], None] | HelperProcesses] = field(default_factory=list)
-    _export_addresses: list[str] = field(default_factory=list)  # of the exporter processes, in start order
+    _exporter_processes: HelperProcesses | None = None  # --kv-export-processes (also in _closers, for order)
+    _export_addresses: list[str] = field(default_factory=list)  # theirs, in start order
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _serving: bool = False
     _stopping: asyncio.Task[None] | None = None
@@ -68,7 +69,7 @@ class PrefillWorker:
     @property
     def exporter_pids(self) -> list[int]:
         """The exporter processes (``--kv-export-processes``) while the worker runs."""
-        return [pid for closer in self._closers if isinstance(closer, HelperProcesses) for pid in closer.pids]
+        return self._exporter_processes.pids if self._exporter_processes is not None else []
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Deregister, NOT_SERVING, let running prefills and pulls finish (up to the drain timeout), stop."""
@@ -121,10 +122,9 @@ class PrefillWorker:
                     await self.registration.stop()
             await asyncio.sleep(_WATCH_INTERVAL_S)
 
-
     def _drop_exited_exporters(self) -> None:
         """Handles stop listing an exporter process that exited (its pulls would only fail and retry)."""
-        exporters = next((c for c in self._closers if isinstance(c, HelperProcesses)), None)
+        exporters = self._exporter_processes
         if exporters is None:
             return
         live = [address for i, address in enumerate(self._export_addresses) if exporters.alive(i)]
@@ -166,6 +166,7 @@ async def serve(config: PrefillConfig, *, engine_factory: EngineFactory = create
     await grpc_service.start()  # NOT_SERVING until the model is loaded
     metrics_server: WSGIServer | None = None
     closers: list[Callable[[], None] | HelperProcesses] = []  # exporters, shared-memory files, at stop
+    exporter_processes: HelperProcesses | None = None
     try:
         if config.metrics_port:
             metrics_server, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
@@ -181,10 +182,11 @@ async def serve(config: PrefillConfig, *, engine_factory: EngineFactory = create
                     servicer.shared_pool = shared_pool.info
                 closers.append(shared_pool.close)
                 if config.kv_export_processes:
-                    helpers = HelperProcesses("services.prefill.exporter", exporter_args(
-                        address, config.host, config.shm_dir, shared_pool.info, prefill_engine.kv_layout()), config.kv_export_processes)
-                    closers.append(helpers)
-                    ports = await helpers.start()
+                    exporter_processes = HelperProcesses("services.prefill.exporter", exporter_args(
+                        address, config.host, config.shm_dir, shared_pool.info, prefill_engine.kv_layout()),
+                        config.kv_export_processes)
+                    closers.append(exporter_processes)
+                    ports = await exporter_processes.start()
                     servicer.pull_addresses = [f"{config.advertise_host}:{port}" for port in ports]
         if config.kv_export_processes and not servicer.pull_addresses:
             log.warning("no exporter processes: the KV pool is not in host memory; the worker serves pulls itself")
@@ -216,7 +218,7 @@ async def serve(config: PrefillConfig, *, engine_factory: EngineFactory = create
         metrics_port=metrics_server.server_address[1] if metrics_server else None, engine=prefill_engine,
         metrics=metrics, export_metrics=export_metrics, servicer=servicer, registration=registration,
         _grpc=grpc_service, _exporters=list(exporters.values()), _metrics_server=metrics_server, _closers=closers,
-        _export_addresses=list(servicer.pull_addresses))
+        _exporter_processes=exporter_processes, _export_addresses=list(servicer.pull_addresses))
     await worker._set_serving(True)
     worker._tasks.append(asyncio.create_task(worker._watch(), name="prefill-watch"))
     expiry_interval_s = min(1.0, config.kv_lease_s / 4)

@@ -38,6 +38,7 @@ log = structlog.get_logger("kv.transfer")
 _READY = "tandem-helper-port "
 _TOKEN_ENV = "TANDEM_HELPER_TOKEN"
 HELPER_TOKEN_HEADER = "x-tandem-helper-token"
+_ROOT = str(Path(__file__).resolve().parents[3])  # the folder holding tandem/ and services/
 
 
 def helper_token() -> str:
@@ -50,7 +51,6 @@ def token_matches(context: grpc.aio.ServicerContext) -> bool:
     given = dict(context.invocation_metadata() or ()).get(HELPER_TOKEN_HEADER, "")
     expected = helper_token()
     return bool(expected) and hmac.compare_digest(str(given), expected)
-_ROOT = str(Path(__file__).resolve().parents[3])  # the folder holding tandem/ and services/
 
 
 class HelperProcesses:

@@ -176,7 +176,7 @@ class _StreamingPuller(abc.ABC):
                 chunk = by_seq.get(header.sequence_number)
                 if chunk is None or header.sequence_number not in remaining:
                     continue  # not asked for, or already have it: ignore rather than fail
-                problem = self._verify(header, chunk)
+                problem = slice_problem(header, chunk)
                 payload = None
                 if problem is None:
                     try:
@@ -206,10 +206,9 @@ class _StreamingPuller(abc.ABC):
     def _land(self, handle: TransferHandle, chunk: ChunkSpec, expected_checksum: int, payload: memoryview,
               sink: KvSink) -> str | None:
         """On a worker thread: verify the bytes and copy them into the sink; the problem, if any."""
-        if len(payload) != chunk.num_bytes:
-            return f"size {len(payload)} != {chunk.num_bytes}"
-        if not self._skip_checksum and checksum(payload) != expected_checksum:
-            return "checksum mismatch"
+        problem = payload_problem(chunk, payload, None if self._skip_checksum else expected_checksum)
+        if problem is not None:
+            return problem
         sink.write(chunk.block_start, chunk.layer_start, tensor_from_bytes(payload, handle.layout, chunk))
         return None
 
@@ -233,12 +232,22 @@ class _StreamingPuller(abc.ABC):
         log.warning("KV chunk failed verification; will ask again", transfer_id=handle.transfer_id,
                     sequence_number=chunk.sequence_number, problem=problem)
 
-    @staticmethod
-    def _verify(header: kv_pb2.KvChunk, chunk: ChunkSpec) -> str | None:
-        """The header must describe the slice the plan has under its sequence number."""
-        got = (header.layer_start, header.num_layers, header.block_start, header.num_blocks)
-        want = (chunk.layer_start, chunk.num_layers, chunk.block_start, chunk.num_blocks)
-        return None if got == want else f"slice {got} != planned {want}"
+
+
+def slice_problem(header: kv_pb2.KvChunk, chunk: ChunkSpec) -> str | None:
+    """The header must describe the slice the plan has under its sequence number."""
+    got = (header.layer_start, header.num_layers, header.block_start, header.num_blocks)
+    want = (chunk.layer_start, chunk.num_layers, chunk.block_start, chunk.num_blocks)
+    return None if got == want else f"slice {got} != planned {want}"
+
+
+def payload_problem(chunk: ChunkSpec, payload: memoryview, expected_checksum: int | None) -> str | None:
+    """The chunk's bytes must have the planned size and (unless None) the sender's CRC-32C."""
+    if len(payload) != chunk.num_bytes:
+        return f"size {len(payload)} != {chunk.num_bytes}"
+    if expected_checksum is not None and checksum(payload) != expected_checksum:
+        return "checksum mismatch"
+    return None
 
 
 HELPER_METHOD = "/tandem.kv.v1.KvPullHelper/PullInto"
