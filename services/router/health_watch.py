@@ -28,7 +28,7 @@ from services.router.exit_watch import ExitWatch
 from services.router.registry import WorkerRegistry, WorkerSnapshot
 from tandem import procinfo
 from tandem.grpc_server import CHANNEL_OPTIONS
-from tandem.procinfo import ProcessIdentity
+from tandem.procinfo import ProcessIdentity, ProcessState
 
 log = structlog.get_logger("router")
 
@@ -112,6 +112,13 @@ class _Watched:
     # Connection failures count only once the worker has answered here at least once: a worker that
     # never did (an advertised address nobody listens on) is left to its registration and to callers.
     contacted: bool = False
+
+
+def _has_exited(watched: _Watched | None) -> bool:
+    """Whether the watched worker's process is on this host and exiting or gone (one /proc read)."""
+    process = watched.process if watched is not None else None
+    return (process is not None and procinfo.is_local(process)
+            and procinfo.probe(process) in (ProcessState.EXITING, ProcessState.GONE))
 
 
 class WorkerHealthMonitor:
@@ -220,8 +227,12 @@ class WorkerHealthMonitor:
             if current.reason in SUSPECT_REASONS and reason not in SUSPECT_REASONS:
                 current.reason = reason  # suspicion confirmed: no longer spared when alone
             return
+        watched = self._watched.get(worker_id)
+        if reason != EXITED and _has_exited(watched):
+            # Where a kernel tears a killed process down within a poll interval (a few ms here), its
+            # sockets close before the exit watch looks; the cause is still the exit, not the network.
+            reason = EXITED
         if detected_after_s is None:
-            watched = self._watched.get(worker_id)
             detected_after_s = now - watched.last_alive_s if watched is not None else 0.0
         self._quarantined[worker_id] = _Quarantine(reason, now)
         self._metrics.quarantined.labels(reason=reason).inc()

@@ -280,6 +280,29 @@ async def test_a_worker_whose_process_exits_leaves_routing_before_its_connection
             process.kill()
 
 
+async def test_an_exit_is_named_as_such_when_the_connections_break_first(
+        stub: router_pb2_grpc.RouterServiceStub) -> None:
+    # Kernels that tear a killed process down within a poll interval close its sockets before the exit
+    # watch looks (here: its poll is off). The quarantine still names the exit, which a caller reads.
+    running = await serve(RouterConfig(
+        host="127.0.0.1", port=0, metrics_port=0, health_probe_interval_s=PROBE_INTERVAL_S,
+        health_probe_timeout_s=PROBE_TIMEOUT_S, quarantine_min_s=QUARANTINE_MIN_S, exit_poll_interval_s=0))
+    process = _Sleeper()
+    try:
+        worker = await _started(running, "w4", process.identity)
+        process.kill()
+        await worker.server.stop(0)  # the dead process's sockets close
+        await _until(lambda: running.health is not None and running.health.reason("w4") != "")
+        assert running.health is not None and running.health.reason("w4") == "exited"
+        assert _sample(running, "tandem_router_workers_quarantined_total", {"reason": "exited"}) == 1
+        assert _sample(running, "tandem_router_workers_quarantined_total", {"reason": "unreachable"}) == 0
+        await worker.registration.stop()
+    finally:
+        if process.popen.poll() is None:
+            process.kill()
+        await running.stop(grace_s=0)
+
+
 async def test_a_process_on_another_host_is_left_to_the_connection_signals(
         router: RunningRouter, stub: router_pb2_grpc.RouterServiceStub, spare: Worker) -> None:
     # Its PID means nothing here (another host or PID namespace): no exit is inferred from /proc.
