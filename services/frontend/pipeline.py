@@ -28,6 +28,7 @@ from services.frontend.failure_detection import (
 from services.frontend.messages import normalise_messages
 from services.frontend.metrics import STATUS_CANCELLED, STATUS_SUCCESS, FrontendMetrics
 from services.frontend.migration import StreamProgress
+from services.frontend.route_client import RouteClient
 from services.frontend.wire import finish_reason_from_proto, sampling_to_proto
 from tandem.engine.types import FinishReason, RequestOutput, SamplingParams
 from tandem.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable
@@ -112,6 +113,7 @@ class Pipeline:
         )
         self._router_channel = grpc.aio.insecure_channel(router_address, options=CHANNEL_OPTIONS)
         self._router = router_pb2_grpc.RouterServiceStub(self._router_channel)
+        self._routes = RouteClient(self._router, router_address)
         self._reporter = FailureReporter(self._router)
         self._stalls = StallDetector(StreamWatches(stall_timeout_s, first_token_timeout_s), self.failover_metrics,
                                      self._worker_channel, stall_confirm_timeout_s)
@@ -126,6 +128,7 @@ class Pipeline:
                    **kwargs)
 
     async def close(self) -> None:
+        await self._routes.close()
         await self._reporter.close()
         for channel in [self._router_channel, *self._worker_channels.values()]:
             await channel.close()
@@ -269,19 +272,9 @@ class Pipeline:
             block_hashes=hash_blocks(request.prompt_token_ids, KV_BLOCK_SIZE), block_size=KV_BLOCK_SIZE,
         )
         try:
-            return await self._router.Route(message, metadata=_metadata(request), timeout=self.route_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidRequest(exc.details() or "rejected by the router") from None
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise ResourceExhausted(exc.details() or "every worker is at capacity") from None
-            # UNAVAILABLE from the router means no healthy worker; any other failure means the
-            # router itself cannot answer - either way no worker can be reached.
-            raise Unavailable(
-                f"no healthy worker for model '{self.model_name}' (router {self.router_address}: "
-                f"{code.name}: {exc.details()})"
-            ) from None
+            return await self._routes.route(message, _metadata(request), self.route_timeout_s)
+        except Unavailable as exc:
+            raise Unavailable(f"no healthy worker for model '{self.model_name}' ({exc.message})") from None
 
     async def _stream_from_worker(
         self, request: GenerationRequest, route: router_pb2.RouteResponse

@@ -27,6 +27,7 @@ from services.router.registry import (
 from tandem.errors import InvalidRequest
 from tandem.grpc_server import bind_request_id, request_id_from_context
 from tandem.procinfo import ProcessIdentity, process_to_proto
+from tandem.proto.common.v1 import common_pb2
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.proto.worker.v1 import worker_pb2
 
@@ -102,15 +103,62 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         # Set on shutdown: registration streams never end on their own, so they are ended here
         # rather than holding the server for its whole grace period.
         self._closing = asyncio.Event()
+        self._route_inboxes: set[asyncio.Queue[router_pb2.RouteStreamRequest | None]] = set()  # open RouteStreams
 
     def close_streams(self) -> None:
         self._closing.set()
+        for inbox in self._route_inboxes:
+            inbox.put_nowait(None)
 
     async def Route(  # noqa: N802 (gRPC method name)
         self, request: router_pb2.RouteRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.RouteResponse:
+        try:
+            return self._decide(request, request.request_id or request_id_from_context(context) or "")
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+        except NoWorkerAvailable as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, error.message)
+        raise AssertionError("unreachable: context.abort raises")
+
+    async def RouteStream(  # noqa: N802
+        self, request_iterator: AsyncIterator[router_pb2.RouteStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.RouteStreamResponse]:
+        # Callers keep the stream open for good, so shutdown must be able to end it: requests pass
+        # through an inbox that close_streams() ends (a cancelled handler would not end the call).
+        inbox: asyncio.Queue[router_pb2.RouteStreamRequest | None] = asyncio.Queue()
+
+        async def receive() -> None:
+            try:
+                async for message in request_iterator:
+                    inbox.put_nowait(message)
+            finally:
+                inbox.put_nowait(None)
+
+        receiver = asyncio.create_task(receive(), name="route-stream-receive")
+        self._route_inboxes.add(inbox)
+        try:
+            while (message := await inbox.get()) is not None:
+                yield self._answer(message)  # decisions are synchronous: answers keep request order
+        finally:
+            self._route_inboxes.discard(inbox)
+            receiver.cancel()
+
+    def _answer(self, message: router_pb2.RouteStreamRequest) -> router_pb2.RouteStreamResponse:
+        """A RouteStream answer: the decision, or the refusal a unary Route would give as its status."""
+        try:
+            decision = self._decide(message.route, message.route.request_id)
+        except InvalidRequest as error:
+            return router_pb2.RouteStreamResponse(call_id=message.call_id, error=common_pb2.ErrorDetail(
+                code=common_pb2.ERROR_CODE_INVALID_ARGUMENT, message=error.message, field=error.field or ""))
+        except NoWorkerAvailable as error:
+            return router_pb2.RouteStreamResponse(call_id=message.call_id, error=common_pb2.ErrorDetail(
+                code=common_pb2.ERROR_CODE_UNAVAILABLE, message=error.message))
+        return router_pb2.RouteStreamResponse(call_id=message.call_id, route=decision)
+
+    def _decide(self, request: router_pb2.RouteRequest, request_id: str) -> router_pb2.RouteResponse:
+        """One routing decision; raises InvalidRequest (naming the field) or NoWorkerAvailable."""
         started = time.perf_counter()
-        request_id = request.request_id or request_id_from_context(context) or ""
         if request_id:
             bind_request_id(request_id)
         try:
@@ -118,13 +166,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             snapshot = self._snapshot()
             decision = self._policy.select(route_context, snapshot)
             prefill = self._prefill.select(route_context, decision.worker, snapshot) if self._prefill else None
-        except InvalidRequest as error:
+        except InvalidRequest:
             self._metrics.observe_decision("invalid", time.perf_counter() - started)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+            raise
         except NoWorkerAvailable as error:
             self._metrics.observe_decision("unavailable", time.perf_counter() - started)
             log.warning("route failed", model=request.model, reason=error.message)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, error.message)
+            raise
         worker = decision.worker
         (self._catalogue or self._registry).note_routed(worker.worker_id)
         if prefill is not None:

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.router.config import RouterConfig
 from services.router.server import RunningRouter, serve
+from tandem.proto.common.v1 import common_pb2
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.proto.worker.v1 import worker_pb2
 
@@ -262,3 +263,41 @@ async def test_metrics_endpoint_serves_prometheus_text() -> None:
             assert name in text
     finally:
         await running.stop(grace_s=0)
+
+
+async def test_route_stream_answers_each_request_by_call_id_and_refusals_do_not_end_it(
+        stub: router_pb2_grpc.RouterServiceStub, router: RunningRouter) -> None:
+    call = stub.RouteStream()
+    # No worker yet: an in-stream UNAVAILABLE, and the stream stays open.
+    await call.write(router_pb2.RouteStreamRequest(call_id=7, route=router_pb2.RouteRequest(
+        request_id="r0", model="m", token_ids=[1])))
+    answer = await call.read()
+    assert answer.call_id == 7 and answer.WhichOneof("result") == "error"
+    assert answer.error.code == common_pb2.ERROR_CODE_UNAVAILABLE and "no decode worker" in answer.error.message
+    worker = FakeWorker(stub, "w1")
+    await worker.register()
+    await call.write(router_pb2.RouteStreamRequest(call_id=8, route=router_pb2.RouteRequest(
+        request_id="r1", model="m", token_ids=[])))
+    await call.write(router_pb2.RouteStreamRequest(call_id=9, route=router_pb2.RouteRequest(
+        request_id="r2", model="m", token_ids=[1, 2])))
+    bad, good = await call.read(), await call.read()
+    assert (bad.call_id, bad.error.code, bad.error.field) == (8, common_pb2.ERROR_CODE_INVALID_ARGUMENT, "token_ids")
+    assert "token_ids" in bad.error.message
+    assert (good.call_id, good.route.worker_id, good.route.address) == (9, "w1", worker.info.address)
+    assert router.metrics.route_decisions.labels(outcome="routed")._value.get() == 1
+    assert router.metrics.route_decisions.labels(outcome="invalid")._value.get() == 1
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+
+
+async def test_a_stopping_router_ends_its_route_streams_at_once(router: RunningRouter) -> None:
+    # A frontend never closes its stream: the router must not wait out its grace period for it.
+    async with grpc.aio.insecure_channel(router.address) as channel:
+        call = router_pb2_grpc.RouterServiceStub(channel).RouteStream()
+        await call.write(router_pb2.RouteStreamRequest(call_id=1, route=router_pb2.RouteRequest(
+            request_id="r", model="m", token_ids=[1])))
+        await call.read()
+        started = time.monotonic()
+        await router.stop(grace_s=10)
+        assert time.monotonic() - started < 2
+        assert await call.read() is grpc.aio.EOF  # ended by the router: callers fall back or reopen

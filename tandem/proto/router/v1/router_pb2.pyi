@@ -1,3 +1,4 @@
+from tandem.proto.common.v1 import common_pb2 as _common_pb2
 from tandem.proto.worker.v1 import worker_pb2 as _worker_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -104,6 +105,24 @@ class RouteResponse(_message.Message):
     address: str
     prefill: _worker_pb2.PrefillHint
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., prefill: _Optional[_Union[_worker_pb2.PrefillHint, _Mapping]] = ...) -> None: ...
+
+class RouteStreamRequest(_message.Message):
+    __slots__ = ("call_id", "route")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    route: RouteRequest
+    def __init__(self, call_id: _Optional[int] = ..., route: _Optional[_Union[RouteRequest, _Mapping]] = ...) -> None: ...
+
+class RouteStreamResponse(_message.Message):
+    __slots__ = ("call_id", "route", "error")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    route: RouteResponse
+    error: _common_pb2.ErrorDetail
+    def __init__(self, call_id: _Optional[int] = ..., route: _Optional[_Union[RouteResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ErrorDetail, _Mapping]] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("register", "load", "kv_events", "kv_snapshot", "progress")

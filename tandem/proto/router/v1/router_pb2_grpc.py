@@ -39,6 +39,11 @@ class RouterServiceStub:
                 request_serializer=tandem_dot_router_dot_v1_dot_router__pb2.RouteRequest.SerializeToString,
                 response_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.RouteResponse.FromString,
                 _registered_method=True)
+        self.RouteStream = channel.stream_stream(
+                '/tandem.router.v1.RouterService/RouteStream',
+                request_serializer=tandem_dot_router_dot_v1_dot_router__pb2.RouteStreamRequest.SerializeToString,
+                response_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.RouteStreamResponse.FromString,
+                _registered_method=True)
         self.RegisterWorker = channel.stream_stream(
                 '/tandem.router.v1.RouterService/RegisterWorker',
                 request_serializer=tandem_dot_router_dot_v1_dot_router__pb2.RegisterWorkerRequest.SerializeToString,
@@ -62,6 +67,17 @@ class RouterServiceServicer:
     def Route(self, request, context):
         """Which worker should serve this request. The router is off the token path:
         the caller then talks to the chosen worker directly.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RouteStream(self, request_iterator, context):
+        """Route, many times over one long-lived stream: one RouteStreamResponse per
+        RouteStreamRequest, matched by call_id, in any order. A request the router
+        cannot route (a bad field, no healthy worker) is answered with an error
+        inside the stream, which goes on. A message costs a third of a Route call's
+        setup on a small host, and frontends keep one such stream open.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +114,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.Route,
                     request_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.RouteRequest.FromString,
                     response_serializer=tandem_dot_router_dot_v1_dot_router__pb2.RouteResponse.SerializeToString,
+            ),
+            'RouteStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RouteStream,
+                    request_deserializer=tandem_dot_router_dot_v1_dot_router__pb2.RouteStreamRequest.FromString,
+                    response_serializer=tandem_dot_router_dot_v1_dot_router__pb2.RouteStreamResponse.SerializeToString,
             ),
             'RegisterWorker': grpc.stream_stream_rpc_method_handler(
                     servicer.RegisterWorker,
@@ -142,6 +163,33 @@ class RouterService:
             '/tandem.router.v1.RouterService/Route',
             tandem_dot_router_dot_v1_dot_router__pb2.RouteRequest.SerializeToString,
             tandem_dot_router_dot_v1_dot_router__pb2.RouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RouteStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.router.v1.RouterService/RouteStream',
+            tandem_dot_router_dot_v1_dot_router__pb2.RouteStreamRequest.SerializeToString,
+            tandem_dot_router_dot_v1_dot_router__pb2.RouteStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,136 @@
+"""The frontend's side of routing: each request's Route goes over one long-lived RouteStream.
+
+A message on an open stream costs about a third of a unary call's setup (0.25 against 0.6-0.8 ms a
+round trip on a 2-core host), and Route is on every request's time to first token. When the stream
+is not there (the router restarted, or is older and lacks RouteStream) a request falls back to the
+unary Route, so a broken stream never fails a request that a unary call could route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Sequence
+
+import grpc
+import structlog
+
+from tandem.errors import InvalidRequest, ResourceExhausted, Unavailable
+from tandem.proto.common.v1 import common_pb2
+from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+Metadata = Sequence[tuple[str, str]]
+
+
+class _StreamGone(Exception):
+    """The stream broke or closed before this call's answer came: route it with a unary call."""
+
+
+class RouteClient:
+    """Routes requests through ``stub``; one event loop only.
+
+    Raises InvalidRequest (a bad field), ResourceExhausted (every worker is full) or Unavailable (no
+    healthy worker, or the router cannot be reached).
+    """
+
+    def __init__(self, stub: router_pb2_grpc.RouterServiceStub, router_address: str) -> None:
+        self._stub = stub
+        self._router_address = router_address
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[router_pb2.RouteStreamResponse]] = {}
+        self._call_ids = itertools.count(1)
+        self._write_lock = asyncio.Lock()
+        self._stream_supported = True  # False once the router answered UNIMPLEMENTED
+
+    async def route(self, message: router_pb2.RouteRequest, metadata: Metadata,
+                    timeout_s: float) -> router_pb2.RouteResponse:
+        if self._stream_supported:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    answer = await self._over_stream(message)
+            except _StreamGone:
+                pass
+            except TimeoutError:
+                raise Unavailable(f"router {self._router_address}: DEADLINE_EXCEEDED: no answer within "
+                                  f"{timeout_s} s") from None
+            else:
+                if answer.HasField("route"):
+                    return answer.route
+                raise self._refusal(answer.error)
+        try:
+            return await self._stub.Route(message, metadata=metadata, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error_from_status(exc) from None
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self._call = self._reader = None
+
+    async def _over_stream(self, message: router_pb2.RouteRequest) -> router_pb2.RouteStreamResponse:
+        call = self._open()
+        call_id = next(self._call_ids)
+        answer: asyncio.Future[router_pb2.RouteStreamResponse] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = answer
+        try:
+            try:
+                async with self._write_lock:
+                    await call.write(router_pb2.RouteStreamRequest(call_id=call_id, route=message))
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                raise _StreamGone() from None  # the reader sees the same failure and resets the stream
+            return await answer
+        finally:
+            self._pending.pop(call_id, None)
+
+    def _open(self) -> grpc.aio.StreamStreamCall:
+        if self._call is None or self._call.done():
+            self._call = self._stub.RouteStream()
+            self._reader = asyncio.create_task(self._read(self._call), name="route-stream-reader")
+        return self._call
+
+    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
+        """Hand each answer to its caller; when the stream ends, send every waiting caller to the unary path."""
+        try:
+            while (answer := await call.read()) is not grpc.aio.EOF:
+                waiting = self._pending.get(answer.call_id)
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(answer)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._stream_supported = False
+                log.info("the router has no RouteStream; routing with unary calls", router=self._router_address)
+            elif exc.code() != grpc.StatusCode.CANCELLED:
+                log.info("route stream broke; reopening it on the next request", router=self._router_address,
+                         code=exc.code().name)
+        finally:
+            if self._call is call:
+                self._call = None
+            for waiting in list(self._pending.values()):
+                if not waiting.done():
+                    waiting.set_exception(_StreamGone())
+
+    def _error_from_status(self, exc: grpc.aio.AioRpcError) -> Exception:
+        code = exc.code()
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidRequest(exc.details() or "rejected by the router")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return ResourceExhausted(exc.details() or "every worker is at capacity")
+        # UNAVAILABLE from the router means no healthy worker; any other failure means the router
+        # itself cannot answer: either way no worker can be reached.
+        return Unavailable(f"router {self._router_address}: {code.name}: {exc.details()}")
+
+    def _refusal(self, error: common_pb2.ErrorDetail) -> Exception:
+        """A refusal inside the stream, as the same error a unary call's status gives."""
+        if error.code == common_pb2.ERROR_CODE_INVALID_ARGUMENT:
+            return InvalidRequest(error.message or "rejected by the router")
+        if error.code == common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED:
+            return ResourceExhausted(error.message or "every worker is at capacity")
+        return Unavailable(f"router {self._router_address}: UNAVAILABLE: {error.message}")
