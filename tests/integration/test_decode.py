@@ -121,6 +121,23 @@ async def test_cancelling_the_call_frees_the_kv_blocks(stub: worker_pb2_grpc.Wor
     assert worker.metrics.requests.labels(outcome="abort")._value.get() >= 1
 
 
+async def test_cancelling_before_the_first_token_frees_the_kv_blocks(stub: worker_pb2_grpc.WorkerServiceStub,
+                                                                    tokenizer: Any, worker: DecodeWorker) -> None:
+    # The worker sends its headers while the engine prefills: a client can leave in that window.
+    prompt = tokenizer("Tell me a long story about a dragon and a knight.")["input_ids"]
+    for attempt in range(3):
+        call = stub.Generate(generate_request(prompt, request_id=f"early-{attempt}", temperature=0.0,
+                                              ignore_eos=True))
+        await call.initial_metadata()
+        call.cancel()
+    deadline = time.monotonic() + 5
+    while (load := (await stats(stub)).load).num_kv_blocks_used or load.num_running or worker._servicer.num_in_flight:
+        assert time.monotonic() < deadline, load
+        await asyncio.sleep(0.02)
+    responses = [r async for r in stub.Generate(generate_request(prompt, request_id="after", max_tokens=2, ignore_eos=True))]
+    assert responses[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+
 async def test_too_long_prompt_is_invalid_argument_naming_the_field(stub: worker_pb2_grpc.WorkerServiceStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         async for _ in stub.Generate(generate_request([1] * MAX_MODEL_LEN, max_tokens=4)):
