@@ -114,6 +114,12 @@ class RoutingPolicy:
     scorers: Sequence[WeightedScorer]
     picker: Picker
     _health: Filter = field(default_factory=HealthyFilter)
+    # Found once: an isinstance check against a runtime Protocol costs ~10 us, on every decision.
+    _feedback: tuple[RoutingFeedback, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        self._feedback = tuple(weighted.scorer for weighted in self.scorers
+                               if isinstance(weighted.scorer, RoutingFeedback))
 
     def select(self, context: RouteContext, workers: Sequence[WorkerSnapshot]) -> RouteDecision:
         """Choose a worker for ``context`` or raise ``NoWorkerAvailable`` saying which filter emptied the set."""
@@ -124,9 +130,8 @@ class RoutingPolicy:
                 raise NoWorkerAvailable(_unavailable_message(context, len(workers), step.name))
         scored = self._score(context, candidates)
         chosen = self.picker.pick(context, scored)
-        for weighted in self.scorers:
-            if isinstance(weighted.scorer, RoutingFeedback):
-                weighted.scorer.on_routed(context, chosen.worker)
+        for scorer in self._feedback:
+            scorer.on_routed(context, chosen.worker)
         return RouteDecision(worker=chosen.worker, score=chosen.score, num_candidates=len(candidates))
 
     def _score(self, context: RouteContext, candidates: list[WorkerSnapshot]) -> list[ScoredWorker]:
