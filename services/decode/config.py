@@ -39,6 +39,7 @@ class DecodeConfig:
     num_threads: int | None = None
     device: str = "cpu"
     dtype: str = "float32"
+    batch_wait_ms: float = 5.0
     # Disaggregation: pulling KV from prefill workers (see tandem.kv.transfer.pull.PullSettings).
     kv_transport: str = "auto"  # auto: shared memory when the prefill worker is on this host, else gRPC
     kv_streams: int = 2  # parallel PullKv streams per transfer (gRPC)
@@ -108,6 +109,7 @@ class DecodeConfig:
             num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_queue_len=self.max_queue_len,
             max_model_len=self.max_model_len, device=self.device, dtype=self.dtype, num_threads=self.num_threads,
+            batch_wait_ms=self.batch_wait_ms,
         )
 
 
@@ -136,6 +138,7 @@ _FLAGS: dict[str, tuple[str, type | object]] = {
     "--num-threads": ("TANDEM_NUM_THREADS", _optional_int),
     "--device": ("TANDEM_DEVICE", str),
     "--dtype": ("TANDEM_DTYPE", str),
+    "--batch-wait-ms": ("TANDEM_BATCH_WAIT_MS", float),
     "--kv-transport": ("TANDEM_KV_TRANSPORT", str),
     "--kv-streams": ("TANDEM_KV_STREAMS", int),
     "--kv-chunk-bytes": ("TANDEM_KV_CHUNK_BYTES", int),
@@ -161,6 +164,8 @@ _HELP = {
     "--engine": f"one of {', '.join(ENGINES)}",
     "--max-model-len": "context length; default the model's",
     "--num-threads": "torch intra-op threads; default torch's",
+    "--batch-wait-ms": "an idle engine waits up to this long (at most 5%% of a recent step) for more requests "
+                       "to prefill together; 0: never",
     "--kv-transport": f"how KV comes from prefill workers: {', '.join(KV_TRANSPORTS)} (auto: shm on the same host)",
     "--kv-streams": "parallel PullKv streams per transfer",
     "--kv-chunk-bytes": "KV chunk size bound (under gRPC's 4 MiB message limit)",

@@ -21,6 +21,9 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    # An idle engine that gets a request waits up to this long (and at most 5% of a recent step, ending
+    # after a quiet 2 ms) for more requests to prefill in the same step; 0 turns the wait off.
+    batch_wait_ms: float = 5.0
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -40,5 +43,7 @@ class EngineConfig:
             raise bad("max_queue_len", f"must be at least 1, got {self.max_queue_len}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise bad("dtype", f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise bad("batch_wait_ms", f"must be in [0, 1000], got {self.batch_wait_ms}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise bad("max_model_len", f"must be at least 2, got {self.max_model_len}")

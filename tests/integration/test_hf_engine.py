@@ -171,6 +171,35 @@ async def test_small_pool_makes_requests_wait_not_fail(model_path: Path) -> None
         await eng.shutdown()
 
 
+@pytest.mark.parametrize("batch_wait_ms", [5.0, 0.0])
+async def test_requests_arriving_a_millisecond_apart_share_an_idle_engines_first_step(
+        model_path: Path, batch_wait_ms: float) -> None:
+    # As requests a client sends together reach a worker through the frontend: one at a time.
+    steps: list[StepInfo] = []
+    eng = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=64, max_num_seqs=8,
+                                batch_wait_ms=batch_wait_ms), on_step=steps.append)
+    await eng.start()
+    try:
+        ids = eng.tokenizer("Write a short story about the sea.")["input_ids"]
+        await collect(eng, "warm", ids, max_tokens=2)  # a step time to bound the wait by
+
+        async def staggered(i: int) -> None:
+            await asyncio.sleep(0.001 * i)
+            await collect(eng, f"burst-{i}", ids, max_tokens=2, temperature=0, ignore_eos=True)
+
+        steps.clear()
+        await asyncio.gather(*(staggered(i) for i in range(4)))
+        if batch_wait_ms:
+            assert steps[0].num_seqs == 4 and steps[0].num_prefill_tokens == 4 * len(ids)
+            assert len(steps) == 2  # one prefill step for all four, one decode step
+        else:
+            assert steps[0].num_seqs < 4  # the first arrival prefilled alone (or nearly)
+            assert len(steps) > 2
+        assert_idle(eng)
+    finally:
+        await eng.shutdown()
+
+
 async def test_prefill_export_import_continues_token_identically(engine, model_path: Path) -> None:  # type: ignore[no-untyped-def]
     decode = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=128))
     await decode.start()

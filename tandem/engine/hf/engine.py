@@ -36,6 +36,10 @@ log = structlog.get_logger(__name__)
 
 
 _SHUTDOWN = object()
+# The batch wait of an idle engine (EngineConfig.batch_wait_ms) never exceeds this share of a recent
+# step, and ends once no request came for the quiet gap: a lone request pays the gap, not the wait.
+_BATCH_WAIT_STEP_SHARE = 0.05
+_BATCH_WAIT_QUIET_GAP_S = 0.002
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -62,6 +66,7 @@ class HFEngine(DisaggregationMixin):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
         self._stopping = False
+        self._recent_step_s = 0.0  # moving average of forward-pass times (the batch wait's bound)
         # Fed by the block pool on the step thread; streamed to the router (KV-aware routing).
         self._kv_events = KvEventLog()
 
@@ -267,7 +272,7 @@ class HFEngine(DisaggregationMixin):
         try:
             while True:
                 updates: dict[str, TokenUpdate] = {}
-                block = not self.scheduler.has_work()
+                idle = block = not self.scheduler.has_work()
                 while True:
                     try:
                         command = self._commands.get(block=block)
@@ -277,6 +282,9 @@ class HFEngine(DisaggregationMixin):
                         self._abort_all(FinishReason.ABORT, None)
                         return
                     block = False
+                if idle and self.scheduler.has_work() and not self._gather_arrivals(updates):
+                    self._abort_all(FinishReason.ABORT, None)
+                    return
                 if self.scheduler.has_work():
                     self._step(updates)
                 self._emit(updates)
@@ -284,6 +292,24 @@ class HFEngine(DisaggregationMixin):
             self._error = exc
             log.exception("engine step failed; failing in-flight requests")
             self._abort_all(FinishReason.ERROR, f"engine failure: {exc}")
+
+    def _gather_arrivals(self, updates: dict[str, TokenUpdate]) -> bool:
+        """An idle engine that just got work waits briefly for more requests to prefill alongside.
+
+        Requests a client sends together reach a worker about 1 ms apart on a small host (the frontend
+        takes them one at a time), and one that misses the first step waits a whole step for its
+        prefill: +110 ms TTFT at concurrency 4 on 2 cores. False on shutdown.
+        """
+        wait_s = min(self.config.batch_wait_ms / 1e3, _BATCH_WAIT_STEP_SHARE * self._recent_step_s)
+        deadline = time.monotonic() + wait_s
+        while (remaining_s := deadline - time.monotonic()) > 0:
+            try:
+                command = self._commands.get(timeout=min(_BATCH_WAIT_QUIET_GAP_S, remaining_s))
+            except queue.Empty:
+                return True
+            if not self._apply(command, updates):
+                return False
+        return True
 
     def _step(self, updates: dict[str, TokenUpdate]) -> None:
         started = time.perf_counter()
@@ -298,10 +324,12 @@ class HFEngine(DisaggregationMixin):
             pinned = list(seq.block_table) if seq.request_id in self.scheduler.pinned else []
             updates[seq.request_id] = TokenUpdate([seq.token_ids[-1]], seq.finish_reason, seq.num_cached_tokens,
                                               pinned_block_ids=pinned)
+        duration_s = time.perf_counter() - started
+        self._recent_step_s = duration_s if not self._recent_step_s else 0.8 * self._recent_step_s + 0.2 * duration_s
         if self._on_step is not None:
             num_tokens = sum(i.num_new_tokens for i in scheduled)
             prefill = sum(i.num_new_tokens for i in scheduled if i.num_new_tokens > 1)
-            self._on_step(StepInfo(len(scheduled), num_tokens, prefill, time.perf_counter() - started))
+            self._on_step(StepInfo(len(scheduled), num_tokens, prefill, duration_s))
 
     def _abort_all(self, reason: FinishReason, error: str | None) -> None:
         updates: dict[str, TokenUpdate] = {}
