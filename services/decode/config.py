@@ -39,7 +39,7 @@ class DecodeConfig:
     num_threads: int | None = None
     device: str = "cpu"
     dtype: str = "float32"
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 8.0
     # Disaggregation: pulling KV from prefill workers (see tandem.kv.transfer.pull.PullSettings).
     kv_transport: str = "auto"  # auto: shared memory when the prefill worker is on this host, else gRPC
     kv_streams: int = 2  # parallel PullKv streams per transfer (gRPC)
@@ -164,7 +164,7 @@ _HELP = {
     "--engine": f"one of {', '.join(ENGINES)}",
     "--max-model-len": "context length; default the model's",
     "--num-threads": "torch intra-op threads; default torch's",
-    "--batch-wait-ms": "an idle engine waits up to this long (at most 5%% of a recent step) for more requests "
+    "--batch-wait-ms": "an idle engine waits up to this long (at most 7.5%% of a recent step) for more requests "
                        "to prefill together; 0: never",
     "--kv-transport": f"how KV comes from prefill workers: {', '.join(KV_TRANSPORTS)} (auto: shm on the same host)",
     "--kv-streams": "parallel PullKv streams per transfer",

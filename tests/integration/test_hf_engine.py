@@ -171,7 +171,7 @@ async def test_small_pool_makes_requests_wait_not_fail(model_path: Path) -> None
         await eng.shutdown()
 
 
-@pytest.mark.parametrize("batch_wait_ms", [5.0, 0.0])
+@pytest.mark.parametrize("batch_wait_ms", [8.0, 0.0])
 async def test_requests_arriving_a_millisecond_apart_share_an_idle_engines_first_step(
         model_path: Path, batch_wait_ms: float) -> None:
     # As requests a client sends together reach a worker through the frontend: one at a time.

@@ -64,6 +64,6 @@ def test_decode_errors_name_the_setting(kwargs: dict[str, object], message: str)
 def test_batch_wait_reaches_the_engine_from_flag_or_environment_and_is_validated() -> None:
     assert parse_decode(["--batch-wait-ms", "0"], {}).engine_config(Path(".")).batch_wait_ms == 0
     assert parse_prefill([], {"TANDEM_BATCH_WAIT_MS": "2.5"}).engine_config(Path(".")).batch_wait_ms == 2.5
-    assert DecodeConfig().batch_wait_ms == 5.0
+    assert DecodeConfig().batch_wait_ms == 8.0
     with pytest.raises(ValueError, match="invalid engine setting batch_wait_ms"):
         DecodeConfig(batch_wait_ms=-1)
