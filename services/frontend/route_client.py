@@ -89,6 +89,8 @@ class RouteClient:
             return await answer
         finally:
             self._pending.pop(call_id, None)
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # a stream that broke during the write failed this answer too: retrieved
 
     def _open(self) -> grpc.aio.StreamStreamCall:
         if self._call is None or self._call.done():
@@ -130,7 +132,7 @@ class RouteClient:
     def _refusal(self, error: common_pb2.ErrorDetail) -> Exception:
         """A refusal inside the stream, as the same error a unary call's status gives."""
         if error.code == common_pb2.ERROR_CODE_INVALID_ARGUMENT:
-            return InvalidRequest(error.message or "rejected by the router")
+            return InvalidRequest(error.message or "rejected by the router", error.field or None)
         if error.code == common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED:
-            return ResourceExhausted(error.message or "every worker is at capacity")
+            return ResourceExhausted(error.message or "every worker is at capacity", error.field or None)
         return Unavailable(f"router {self._router_address}: UNAVAILABLE: {error.message}")

@@ -96,8 +96,9 @@ async def test_concurrent_requests_share_one_stream_and_each_gets_its_own_answer
 async def test_refusals_in_the_stream_are_the_errors_a_unary_route_gives(
         started: tuple[ScriptedRouter, RouteClient]) -> None:
     router, client = started
-    with pytest.raises(InvalidRequest, match="token_ids"):
+    with pytest.raises(InvalidRequest, match="token_ids") as refused:
         await client.route(_request("bad", token_ids=()), (), 5)
+    assert refused.value.field == "token_ids"
     with pytest.raises(Unavailable, match="no decode worker"):
         await client.route(_request("none", model="gone"), (), 5)
     assert (await client.route(_request("ok"), (), 5)).worker_id == "w-ok"  # the stream goes on
