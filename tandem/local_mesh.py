@@ -69,6 +69,9 @@ class LocalMesh:
                  router_args: Sequence[str] = (), worker_args: Sequence[str] = (),
                  frontend_args: Sequence[str] = ()) -> None:
         env = {"OMP_NUM_THREADS": str(num_threads), "TOKENIZERS_PARALLELISM": "false"}
+        self._env = env
+        self._worker_flags = ["--model", str(model_path), "--num-threads", str(num_threads),
+                              "--num-kv-blocks", str(num_kv_blocks), *worker_args]
         self.router_port = procs.free_port()
         self.router_address = f"127.0.0.1:{self.router_port}"
         self.http_port, self.grpc_port = procs.free_port(), procs.free_port()
@@ -78,17 +81,16 @@ class LocalMesh:
         self.router = Child("router", ["--host", "127.0.0.1", "--port", str(self.router_port),
                                        "--metrics-port", str(router_metrics_port), *router_args], env)
         self.worker_ports = [(procs.free_port(), procs.free_port()) for _ in range(num_workers)]
-        self.workers = [
-            Child("decode", [
-                "--model", str(model_path), "--host", "127.0.0.1", "--port", str(port),
-                "--metrics-port", str(metrics_port), "--router-address", self.router_address,
-                "--worker-id", f"decode-{i}", "--num-threads", str(num_threads),
-                "--num-kv-blocks", str(num_kv_blocks), *worker_args], env)
-            for i, (port, metrics_port) in enumerate(self.worker_ports)
-        ]
+        self.workers = [self._worker_child(i) for i in range(num_workers)]
         self.frontend = Child("frontend", [
             "--model", str(model_path), "--host", "127.0.0.1", "--http-port", str(self.http_port),
             "--grpc-port", str(self.grpc_port), "--router-address", self.router_address, *frontend_args], env)
+
+    def _worker_child(self, index: int) -> Child:
+        port, metrics_port = self.worker_ports[index]
+        return Child("decode", ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
+                                "--router-address", self.router_address, "--worker-id", f"decode-{index}",
+                                *self._worker_flags], self._env)
 
     def children(self) -> list[Child]:
         return [self.router, *self.workers, self.frontend]
@@ -103,19 +105,33 @@ class LocalMesh:
         for child in self.children():
             child.start()
         try:
-            self.wait_ready(timeout_s)
+            self.wait_ready(timeout_s, respawn_workers=3)
         except BaseException:
             self.stop()
             raise
 
-    def wait_ready(self, timeout_s: float = 120) -> None:
-        """Until the frontend is healthy and every worker is registered and healthy at the router."""
+    def wait_ready(self, timeout_s: float = 120, *, respawn_workers: int | None = None) -> None:
+        """Until the frontend is healthy and every worker is registered and healthy at the router.
+
+        With ``respawn_workers`` (start-up), a worker that exits meanwhile is started again on fresh
+        ports, that many times in all, then it fails the start: a port ``free_port`` picked can be taken
+        before the worker binds it (by another process, or an outgoing connection's ephemeral port).
+        Without it, exited workers are left to the caller (a test may have killed one).
+        """
         deadline = time.monotonic() + timeout_s
         while not (procs.http_ok(f"{self.http_url}/health")
                    and len(self.healthy_workers()) == len(self.workers)):
             for child in self.children():
                 if child.proc is not None and child.proc.poll() is not None and child.role != "decode":
                     raise RuntimeError(f"{child.role} exited with {child.proc.returncode} during start-up")
+            for index, worker in enumerate(self.workers):
+                if respawn_workers is not None and worker.proc is not None and worker.proc.poll() is not None:
+                    if not respawn_workers:
+                        raise RuntimeError(f"decode-{index} exited with {worker.proc.returncode} during start-up")
+                    respawn_workers -= 1
+                    self.worker_ports[index] = (procs.free_port(), procs.free_port())
+                    self.workers[index] = self._worker_child(index)
+                    self.workers[index].start()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"mesh not ready after {timeout_s:.0f} s (healthy: {self.healthy_workers()})")
             time.sleep(0.2)
