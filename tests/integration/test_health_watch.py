@@ -255,7 +255,9 @@ async def test_a_worker_whose_process_exits_leaves_routing_before_its_connection
         process.kill()
         took_s = await _until(lambda: router.health is not None and router.health.reason("w3") == "exited",
                               timeout_s=2.0)
-        assert took_s < PROBE_INTERVAL_S  # far sooner than any probe or the registration could notice
+            # The reason is "exited", so the exit poll saw it, not a failed probe or the registration; the
+        # bound is loose because a loaded 2-core CI host can hold the event loop for tens of milliseconds.
+        assert took_s < 0.5
         assert not await _routable(stub, "w3")
         assert _sample(router, "tandem_router_failure_detection_seconds_count", {"reason": "exited"}) == 1
         # Restarted as another process (same id and address): it is watched afresh and routed to again.

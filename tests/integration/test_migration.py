@@ -183,12 +183,10 @@ async def test_a_stalled_worker_loses_all_its_streams_at_once(mesh: Mesh) -> Non
     mesh.workers[0].break_after, mesh.workers[0].hang = 2, True
     mesh.router.workers = mesh.router.workers[:2]
     pipeline = mesh.pipeline(stall_timeout_s=0.3, stall_confirm_timeout_s=0.2)
-    started = asyncio.get_running_loop().time()
     results = await asyncio.gather(*(_collect(pipeline, _request(f"r{i}")) for i in range(3)))
-    elapsed_s = asyncio.get_running_loop().time() - started
     assert all(text == EXPECTED_TEXT for text, _, _ in results)
-    # The timers fired, the worker did not answer its health check, and all three moved at once.
-    assert elapsed_s < 0.3 + 0.2 + 0.3
+    # One stream's timer fired and the worker did not answer its health check; the other two moved
+    # with it (reason worker_stalled) instead of each waiting out its own timer and check.
     registry = pipeline.metrics.registry
     stalled = registry.get_sample_value("tandem_frontend_migrations_total", {"model": MODEL, "reason": "stalled"})
     others = registry.get_sample_value("tandem_frontend_migrations_total",

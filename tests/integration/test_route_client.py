@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
+from services.frontend import route_client
 from services.frontend.route_client import RouteClient
 from tandem.errors import InvalidRequest, Unavailable
 from tandem.proto.common.v1 import common_pb2
@@ -32,6 +33,7 @@ def _decide(request: router_pb2.RouteRequest) -> router_pb2.RouteStreamResponse:
 @dataclass
 class ScriptedRouter(router_pb2_grpc.RouterServiceServicer):
     with_stream: bool = True
+    stream_fails: bool = False  # RouteStream raises before answering (INTERNAL or UNKNOWN to the client)
     end_stream_after: int | None = None  # end each stream (status OK) after this many answers
     num_unary: int = 0
     num_streams: int = 0
@@ -54,6 +56,8 @@ class ScriptedRouter(router_pb2_grpc.RouterServiceServicer):
         if not self.with_stream:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
         self.num_streams += 1
+        if self.stream_fails:
+            raise RuntimeError("scripted RouteStream failure")
         answered = 0
         async for message in request_iterator:
             await self.hold.wait()
@@ -135,3 +139,26 @@ async def test_an_unanswered_route_times_out_as_unavailable(started: tuple[Scrip
         await client.route(_request("slow"), (), 0.2)
     router.hold.set()
     assert (await client.route(_request("next"), (), 5)).worker_id == "w-next"  # a late answer is dropped
+
+
+async def test_a_stream_that_fails_unanswered_is_not_reopened_for_every_request(
+        started: tuple[ScriptedRouter, RouteClient], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A router whose RouteStream keeps failing would otherwise cost each request a failed stream
+    # before its unary call.
+    monkeypatch.setattr(route_client, "STREAM_RETRY_S", (0.3, 0.6))
+    router, client = started
+    router.stream_fails = True
+    for i in range(5):
+        assert (await client.route(_request(f"r{i}"), (), 5)).worker_id == f"w-r{i}"
+    assert (router.num_streams, router.num_unary) == (1, 5)
+    await asyncio.sleep(0.35)  # the pause is over: one more try, which fails and doubles the pause
+    assert (await client.route(_request("again"), (), 5)).worker_id == "w-again"
+    assert router.num_streams == 2
+    router.stream_fails = False
+    await asyncio.sleep(0.35)
+    assert (await client.route(_request("paused"), (), 5)).worker_id == "w-paused"
+    assert router.num_streams == 2  # still within the doubled pause
+    await asyncio.sleep(0.3)
+    for i in range(3):
+        assert (await client.route(_request(f"s{i}"), (), 5)).worker_id == f"w-s{i}"
+    assert (router.num_streams, router.num_streamed) == (3, 3)
