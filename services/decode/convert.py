@@ -38,15 +38,18 @@ def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
         "stop_token_ids": list(message.stop_token_ids),
         "ignore_eos": message.ignore_eos,
     }
-    for name in ("temperature", "top_p", "top_k", "seed"):
+    for name in ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty"):
         if message.HasField(name):
             kwargs[name] = getattr(message, name)
+    kwargs["min_tokens"] = message.min_tokens
     return SamplingParams(**kwargs)  # type: ignore[arg-type]  # validates; raises InvalidRequest
 
 
 def request_from_proto(message: worker_pb2.GenerateRequest, request_id: str) -> EngineRequest:
     return EngineRequest(request_id=request_id, prompt_token_ids=list(message.prompt_token_ids),
-                         sampling=sampling_from_proto(message.sampling))
+                         sampling=sampling_from_proto(message.sampling),
+                         num_resumed_output_tokens=message.num_resumed_output_tokens)
 
 
 def response_from_output(output: RequestOutput) -> worker_pb2.GenerateResponse:

@@ -188,7 +188,8 @@ class RemotePrefill:
         sent_at = time.monotonic()  # the lease starts after this
         response: kv_pb2.PrefillResponse = await stub.Prefill(
             kv_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-                                  sampling=wire.sampling),
+                                  sampling=wire.sampling,
+                                  num_resumed_output_tokens=request.num_resumed_output_tokens),
             metadata=((REQUEST_ID_HEADER, request.request_id),), timeout=self._config.prefill_timeout_s)
         log.info("remote prefill done", prefill_address=address,
                  duration_ms=round(1000 * (time.perf_counter() - started), 1), num_prompt_tokens=response.num_prompt_tokens, num_cached_tokens=response.num_cached_tokens)

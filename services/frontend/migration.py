@@ -77,10 +77,13 @@ class StreamProgress:
         return self.prompt_token_ids + self.generated_token_ids
 
     def worker_sampling(self) -> SamplingParams:
-        """The request's sampling with the tokens already generated taken off max_tokens."""
-        if self.sampling.max_tokens is None or not self.num_output_tokens:
+        """The request's sampling with the tokens already generated taken off max_tokens and min_tokens."""
+        if not self.num_output_tokens:
             return self.sampling
-        return dataclasses.replace(self.sampling, max_tokens=self.sampling.max_tokens - self.num_output_tokens)
+        max_tokens = self.sampling.max_tokens
+        return dataclasses.replace(
+            self.sampling, max_tokens=None if max_tokens is None else max_tokens - self.num_output_tokens,
+            min_tokens=max(0, self.sampling.min_tokens - self.num_output_tokens))
 
     def finished_without_worker(self) -> FinishReason | None:
         """LENGTH when the failure came after the last token but before the worker said so."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -81,11 +82,29 @@ def parse_sampling(body: dict[str, Any]) -> SamplingParams:
     top_k = _optional(body, "top_k", int)
     if top_k is not None and top_k < -1:
         raise InvalidRequest(f"top_k must be -1 or 0 (disabled) or positive, got {top_k}", "top_k")
-    for name in ("presence_penalty", "frequency_penalty"):  # accepted, not applied
+    _reject_unsupported(body)
+    penalties: dict[str, float] = {}
+    for name in ("presence_penalty", "frequency_penalty"):
         value = _optional_number(body, name)
         if value is not None and not -2.0 <= value <= 2.0:
             raise InvalidRequest(f"{name} must be in [-2, 2], got {value:g}", name)
+        if value is not None:
+            penalties[name] = value
+    repetition_penalty = _optional_number(body, "repetition_penalty")  # vLLM's extension, as min_tokens
+    if repetition_penalty is not None:
+        if not 0.0 < repetition_penalty <= 10.0:
+            raise InvalidRequest(f"repetition_penalty must be in (0, 10] (1 is off), got {repetition_penalty:g}",
+                                 "repetition_penalty")
+        penalties["repetition_penalty"] = repetition_penalty
+    min_tokens = _optional(body, "min_tokens", int)
+    if min_tokens is not None and min_tokens < 0:
+        raise InvalidRequest(f"min_tokens must be >= 0, got {min_tokens}", "min_tokens")
+    if min_tokens and max_tokens is not None and min_tokens > max_tokens:
+        raise InvalidRequest(f"min_tokens ({min_tokens}) must not exceed {max_tokens_field} ({max_tokens})",
+                             "min_tokens")
     return SamplingParams(
+        **penalties,  # type: ignore[arg-type]
+        min_tokens=min_tokens or 0,
         max_tokens=max_tokens,
         temperature=1.0 if temperature is None else temperature,
         top_p=1.0 if top_p is None else top_p,
@@ -95,6 +114,42 @@ def parse_sampling(body: dict[str, Any]) -> SamplingParams:
         stop_token_ids=_parse_token_ids(body.get("stop_token_ids"), "stop_token_ids", allow_empty=True),
         ignore_eos=bool(_optional(body, "ignore_eos", bool)),
     )
+
+
+# Fields Tandem does not implement, with the values that ask for nothing (what clients send by
+# default). Any other value is refused, naming the field, so a request never silently gets less
+# than it asked for (no log probabilities, a biased or JSON-constrained draw, a tool call).
+_NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "logprobs": ((False, 0), "log probabilities are not returned by this server"),
+    "top_logprobs": ((0,), "log probabilities are not returned by this server"),
+    "echo": ((False,), "echo (the prompt in the completion) is not supported"),
+    "suffix": (("",), "suffix (insertion) is not supported"),
+    "logit_bias": (({},), "logit_bias is not supported"),
+    "tools": (([],), "tool calling is not supported"),
+    "functions": (([],), "function calling is not supported"),
+    "min_p": ((0, 0.0), "min_p is not supported"),
+    "use_beam_search": ((False,), "beam search is not supported"),
+}
+
+
+def _reject_unsupported(body: dict[str, Any]) -> None:
+    for name, (neutral, reason) in _NOT_IMPLEMENTED.items():
+        value = body.get(name)
+        if value is not None and not any(value == n and type(value) is type(n) for n in neutral):
+            raise InvalidRequest(f"{name}={json_repr(value)}: {reason}; omit it or send null", name)
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise InvalidRequest("response_format: only {\"type\": \"text\"} is supported (no JSON mode or schema)",
+                             "response_format")
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None and tool_choice != "none":
+        raise InvalidRequest("tool_choice: tool calling is not supported; omit it or send \"none\"", "tool_choice")
+
+
+def json_repr(value: Any) -> str:
+    """A short JSON rendering of a client's value, for an error message."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _parse_stream(body: dict[str, Any]) -> tuple[bool, bool]:

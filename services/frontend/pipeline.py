@@ -64,6 +64,8 @@ class GenerationRequest:
     endpoint: str  # metrics label, e.g. "chat_completions", "completions", "native_generate"
     streaming: bool  # metrics label request_type = "stream" | "unary"
     routing: router_pb2.RoutingOverrides | None = None  # the body's "routing" (extra_body)
+    # Set on a moved request: the last this many prompt tokens are its earlier output (penalties).
+    num_resumed_output_tokens: int = 0
 
 
 class Pipeline:
@@ -209,7 +211,8 @@ class Pipeline:
             attempt = request
             if progress.num_output_tokens:
                 attempt = dataclasses.replace(request, prompt_token_ids=progress.worker_prompt(),
-                                              sampling=progress.worker_sampling())
+                                              sampling=progress.worker_sampling(),
+                                              num_resumed_output_tokens=progress.num_output_tokens)
             try:
                 route = await self._route(attempt, excluded_worker_ids)
             except Unavailable as exc:
@@ -284,7 +287,8 @@ class Pipeline:
             worker_pb2.GenerateRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
                                        sampling=sampling_to_proto(request.sampling),
                                        # The router's choice of prefill worker, when it chose remote prefill.
-                                       prefill=route.prefill if route.HasField("prefill") else None),
+                                       prefill=route.prefill if route.HasField("prefill") else None,
+                                       num_resumed_output_tokens=request.num_resumed_output_tokens),
             metadata=_metadata(request), timeout=self.request_timeout_s,
         )
         num_output_tokens = 0

@@ -22,7 +22,11 @@ def sampling_to_proto(sampling: SamplingParams) -> common_pb2.SamplingParams:
         stop=sampling.stop,
         stop_token_ids=sampling.stop_token_ids,
         ignore_eos=sampling.ignore_eos,
+        min_tokens=sampling.min_tokens,
     )
+    for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+        if getattr(sampling, name) != off:
+            setattr(message, name, getattr(sampling, name))
     # Optional fields: leaving them unset is how "until the context is full" / "no seed" travel.
     if sampling.max_tokens is not None:
         message.max_tokens = sampling.max_tokens
@@ -42,6 +46,10 @@ def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
         stop=list(message.stop),
         stop_token_ids=list(message.stop_token_ids),
         ignore_eos=message.ignore_eos,
+        presence_penalty=message.presence_penalty if message.HasField("presence_penalty") else 0.0,
+        frequency_penalty=message.frequency_penalty if message.HasField("frequency_penalty") else 0.0,
+        repetition_penalty=message.repetition_penalty if message.HasField("repetition_penalty") else 1.0,
+        min_tokens=message.min_tokens,
     )
 
 

@@ -112,7 +112,8 @@ class PrefillServicer:
         try:
             try:
                 engine_request = EngineRequest(transfer_id, list(request.prompt_token_ids),
-                                               sampling_from_proto(request.sampling))
+                                               sampling_from_proto(request.sampling),
+                                               request.num_resumed_output_tokens)
                 result = await self._engine.prefill(engine_request)
             except TandemError as error:
                 outcome = "rejected"

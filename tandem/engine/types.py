@@ -27,6 +27,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # OpenAI: minus this from each token already in the output
+    frequency_penalty: float = 0.0  # OpenAI: minus this per occurrence in the output
+    repetition_penalty: float = 1.0  # transformers/vLLM: scales logits of prompt and output tokens
+    min_tokens: int = 0  # EOS and stop token ids cannot end the request earlier
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -43,6 +47,24 @@ class SamplingParams:
             raise InvalidRequest("stop strings must not be empty", "stop")
         if len(self.stop) > 16:
             raise InvalidRequest(f"at most 16 stop strings, got {len(self.stop)}", "stop")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:  # also rejects NaN
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {value}", name)
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise InvalidRequest(f"repetition_penalty must be in (0, 10] (1 is off), got {self.repetition_penalty}",
+                                 "repetition_penalty")
+        if self.min_tokens < 0:
+            raise InvalidRequest(f"min_tokens must be >= 0, got {self.min_tokens}", "min_tokens")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequest(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                                 "min_tokens")
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any penalty or min_tokens changes the logits (the plain path skips all of it)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.min_tokens)
 
     @property
     def greedy(self) -> bool:
@@ -54,6 +76,9 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # The last this many prompt tokens are output generated elsewhere before a migration: penalties
+    # and min_tokens count them as output.
+    num_resumed_output_tokens: int = 0
 
 
 @dataclass(slots=True)

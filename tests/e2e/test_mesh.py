@@ -81,6 +81,30 @@ def test_streamed_and_unary_greedy_agree_and_match_transformers(mesh: Mesh, mode
     assert tokenizer.decode(out, skip_special_tokens=True) == unary.choices[0].message.content
 
 
+def test_penalties_cross_the_mesh_and_features_it_lacks_are_refused(mesh: Mesh, model_path) -> None:  # type: ignore[no-untyped-def]
+    import openai
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    oai = client(mesh)
+    messages = [{"role": "user", "content": "Say hi."}]
+    penalised = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                            extra_body={"repetition_penalty": 1.3})
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    out = reference.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, repetition_penalty=1.3)
+    assert penalised.choices[0].message.content == tokenizer.decode(out[0][len(ids):], skip_special_tokens=True)
+    def count(**penalties: float) -> str:
+        return oai.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=16, temperature=0,
+                                      **penalties).choices[0].text  # type: ignore[arg-type]
+
+    assert count(frequency_penalty=2.0, presence_penalty=2.0) != count()  # applied, not accepted and dropped
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, logprobs=True)
+    assert refused.value.body["param"] == "logprobs"  # type: ignore[index]
+    wait_kv_idle(mesh)
+
+
 def test_completions_with_text_and_token_prompts(mesh: Mesh) -> None:
     oai = client(mesh)
     text = oai.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=6, temperature=0)

@@ -237,3 +237,67 @@ async def test_prefill_export_import_continues_token_identically(engine, model_p
         assert_idle(decode)
     finally:
         await decode.shutdown()
+
+
+def _chat_ids(engine: HFEngine, text: str) -> list[int]:
+    ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+def _greedy_with_openai_penalties(model, prompt: list[int], n: int, presence: float, frequency: float) -> list[int]:  # type: ignore[no-untyped-def]
+    """A plain reference: the whole sequence through the model each step, OpenAI's formula on the output."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1].clone()
+            for token in set(out):
+                logits[token] -= presence + frequency * out.count(token)
+            token = int(torch.argmax(logits))
+            ids.append(token)
+            out.append(token)
+    return out
+
+
+async def test_penalties_and_min_tokens_match_reference_decoders_in_one_batch(engine, reference, steps) -> None:  # type: ignore[no-untyped-def]
+    story = _chat_ids(engine, "Say hi.")
+    counting = engine.tokenizer(PROMPTS[3])["input_ids"]  # "1, 2, 3, 4,": the output repeats ", " at once
+    short = _chat_ids(engine, "Is the sky blue? Answer yes or no.")
+    plain_ids = engine.tokenizer(PROMPTS[0])["input_ids"]
+    steps.clear()
+    (repeated, _), (openai, _), (at_least, _), (plain, _), (unforced, _) = await asyncio.gather(
+        collect(engine, "rep", story, max_tokens=16, temperature=0, repetition_penalty=1.3),
+        collect(engine, "oai", counting, max_tokens=16, temperature=0, presence_penalty=0.8, frequency_penalty=0.6),
+        collect(engine, "min", short, max_tokens=12, temperature=0, min_tokens=8),
+        collect(engine, "plain", plain_ids, max_tokens=12, temperature=0),
+        collect(engine, "unforced", short, max_tokens=12, temperature=0),
+    )
+    assert max(s.num_seqs for s in steps) >= 3  # penalised and plain requests shared forward passes
+    expected = reference.generate(torch.tensor([story]), max_new_tokens=16, do_sample=False, repetition_penalty=1.3)
+    assert tokens_of(repeated) == expected[0][len(story):].tolist()
+    assert tokens_of(openai) == _greedy_with_openai_penalties(reference, counting, 16, 0.8, 0.6)
+    # The penalties changed the text.
+    assert tokens_of(repeated) != reference.generate(torch.tensor([story]), max_new_tokens=16,
+                                                     do_sample=False)[0][len(story):].tolist()
+    assert tokens_of(openai) != reference.generate(torch.tensor([counting]), max_new_tokens=16,
+                                                   do_sample=False)[0][len(counting):].tolist()
+    # Without min_tokens the answer ends after 3 tokens; with it, EOS waits for 8, as transformers' min_new_tokens.
+    assert unforced[-1].finish_reason is FinishReason.STOP and len(tokens_of(unforced)) < 8
+    forced = reference.generate(torch.tensor([short]), max_new_tokens=12, do_sample=False, min_new_tokens=8)
+    assert tokens_of(at_least) == forced[0][len(short):].tolist() and len(tokens_of(at_least)) >= 8
+    assert tokens_of(plain) == reference.generate(torch.tensor([plain_ids]), max_new_tokens=12,
+                                                  do_sample=False)[0][len(plain_ids):].tolist()
+    assert_idle(engine)
+
+
+async def test_a_resumed_request_counts_its_earlier_output_for_penalties(engine, reference) -> None:  # type: ignore[no-untyped-def]
+    # What a frontend sends after a migration: prompt + the 5 tokens already streamed, 11 left.
+    counting = engine.tokenizer(PROMPTS[3])["input_ids"]
+    whole = _greedy_with_openai_penalties(reference, counting, 16, 0.8, 0.6)
+    outs = []
+    async for out in engine.generate(EngineRequest("moved", counting + whole[:5], SamplingParams(
+            max_tokens=11, temperature=0, presence_penalty=0.8, frequency_penalty=0.6), num_resumed_output_tokens=5)):
+        outs.append(out)
+    assert tokens_of(outs) == whole[5:]
+    with pytest.raises(InvalidRequest, match="num_resumed_output_tokens"):
+        await anext(engine.generate(EngineRequest("bad", [1, 2], SamplingParams(), num_resumed_output_tokens=2)))
+    assert_idle(engine)

@@ -78,12 +78,15 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
     pause_s: float = 0.0  # the engine is slow once: no token for this long, health still answers
     prompts: list[list[int]] = field(default_factory=list)
     max_tokens: list[int] = field(default_factory=list)
+    resumed: list[tuple[int, int, float]] = field(default_factory=list)  # (resumed outputs, min_tokens, penalty)
     health: HangableHealth = field(default_factory=HangableHealth)
 
     async def Generate(self, request, context) -> AsyncIterator[worker_pb2.GenerateResponse]:  # noqa: N802
         prompt = list(request.prompt_token_ids)
         self.prompts.append(prompt)
         self.max_tokens.append(request.sampling.max_tokens)
+        self.resumed.append((request.num_resumed_output_tokens, request.sampling.min_tokens,
+                             request.sampling.frequency_penalty))
         start = len(prompt) - len(PROMPT)
         for i in range(request.sampling.max_tokens):
             if self.break_after is not None and i == self.break_after:
@@ -229,4 +232,17 @@ async def test_a_slow_worker_that_answers_its_health_check_keeps_its_streams(mes
     registry = pipeline.metrics.registry
     assert registry.get_sample_value("tandem_frontend_stall_false_alarms_total", {}) >= 1
     assert registry.get_sample_value("tandem_frontend_migrations_total", {"model": MODEL, "reason": "stalled"}) is None
+    await pipeline.close()
+
+
+async def test_a_moved_request_tells_the_next_worker_which_prompt_tokens_are_its_output(mesh: Mesh) -> None:
+    # Penalties count the earlier output as output; min_tokens, like max_tokens, is what is left.
+    mesh.workers[0].break_after = 3
+    pipeline = mesh.pipeline()
+    request = GenerationRequest("r1", list(PROMPT), SamplingParams(max_tokens=8, min_tokens=5, temperature=0,
+                                                                   frequency_penalty=0.5), "completions", True)
+    text, _, _ = await _collect(pipeline, request)
+    assert text == EXPECTED_TEXT
+    assert mesh.workers[0].resumed == [(0, 5, 0.5)]
+    assert mesh.workers[1].resumed == [(3, 2, 0.5)] and mesh.workers[1].max_tokens == [5]
     await pipeline.close()

@@ -141,7 +141,6 @@ def test_tensorrt_llm_inputs() -> None:
 @pytest.mark.parametrize("tensor", [
     Tensor("beam_width", "INT32", [1], [4]),
     Tensor("bad_words", "BYTES", [1], [b"darn"]),
-    Tensor("repetition_penalty", "FP32", [1], [1.2]),
     Tensor("return_log_probs", "BOOL", [1], [True]),
 ])
 def test_unsupported_tensorrt_llm_settings_are_named(tensor: Tensor) -> None:
@@ -175,3 +174,16 @@ def test_model_config_is_a_valid_decoupled_triton_config() -> None:
     assert [i.name for i in theirs.input] == [spec.name for spec in INPUTS]
     assert theirs.input[0].data_type == triton_config.TYPE_STRING and not theirs.input[0].optional
     assert theirs.output[0].name == "text_output"
+
+
+def test_penalties_and_min_tokens_reach_the_sampling() -> None:
+    request = parse(text(), Tensor("repetition_penalty", "FP32", [1], [1.2]),
+                    Tensor("frequency_penalty", "FP32", [1], [0.5]),
+                    Tensor("sampling_parameters", "BYTES", [1],
+                           [b'{"presence_penalty": "-1", "min_tokens": 4, "max_tokens": 8}']))
+    sampling = request.sampling
+    assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.min_tokens) == (-1.0, 0.5, 4)
+    assert sampling.repetition_penalty == pytest.approx(1.2)
+    with pytest.raises(InvalidRequest, match="repetition_penalty") as info:
+        parse(text(), Tensor("repetition_penalty", "FP32", [1], [0.0]))
+    assert info.value.field == "repetition_penalty"

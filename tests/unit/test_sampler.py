@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.engine.hf.sampler import Sampler, filtered_probs, mix_seed
+from tandem.engine.hf.sampler import Sampler, filtered_probs, mix_seed, penalised_logits
 from tandem.engine.types import SamplingParams
 from tandem.errors import InvalidRequest
 
@@ -78,4 +78,44 @@ def test_mix_seed_spreads() -> None:
 def test_invalid_sampling_params_name_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+    assert info.value.field == field
+
+
+def test_repetition_penalty_scales_prompt_and_output_tokens_by_sign() -> None:
+    row = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    out = penalised_logits(row, SamplingParams(repetition_penalty=2.0), ([0, 1, 0], 2, 2), ())
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]  # each seen token once, whatever its count
+    assert row.tolist() == [2.0, -2.0, 1.0, 0.5]  # the batch's logits are left alone
+
+
+def test_presence_and_frequency_count_only_the_output_including_resumed_output() -> None:
+    row = torch.zeros(4)
+    # Tokens 0 and 1 are the prompt; 3 came before a migration (output_start 2), 3 and 2 after.
+    history = ([0, 1, 3, 3, 2], 2, 3)
+    out = penalised_logits(row, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), history, ())
+    assert out.tolist() == [0.0, 0.0, -0.75, -1.0]
+
+
+def test_min_tokens_bans_stop_tokens_until_enough_were_generated_here() -> None:
+    params = SamplingParams(min_tokens=2, temperature=0)
+    eos_first = logits(0.0, 5.0, 1.0)
+    sampler = Sampler(eos_token_ids={1})
+    assert sampler.sample(eos_first, [params], [3], [([7, 8, 2], 2, 2)]) == [2]  # one generated: banned
+    assert sampler.sample(eos_first, [params], [4], [([7, 8, 2, 2], 2, 2)]) == [1]  # two: allowed
+    stop_id = SamplingParams(min_tokens=2, temperature=0, stop_token_ids=[1], ignore_eos=True)
+    assert Sampler().sample(eos_first, [stop_id], [3], [([7, 8, 2], 2, 2)]) == [2]
+
+
+def test_penalties_without_a_history_fail_loudly() -> None:
+    with pytest.raises(ValueError, match="history"):
+        Sampler().sample(logits(1.0, 2.0), [SamplingParams(frequency_penalty=1.0, temperature=0)], [1])
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("frequency_penalty", float("nan")),
+    ("repetition_penalty", 0.0), ("min_tokens", -1),
+])
+def test_penalty_settings_out_of_range_name_their_field(field: str, value: float) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        SamplingParams(**{field: value})  # type: ignore[arg-type]
     assert info.value.field == field

@@ -62,6 +62,10 @@ CHAT_CASES = [
     (chat(model=7), "model"),
     (chat(user=1), "user"),
     (chat(presence_penalty=3), "presence_penalty"),
+    (chat(frequency_penalty="0.5"), "frequency_penalty"),
+    (chat(repetition_penalty=0), "repetition_penalty"),
+    (chat(min_tokens=-1), "min_tokens"),
+    (chat(min_tokens=9, max_tokens=4), "min_tokens"),
 ]
 COMPLETION_CASES = [
     (completion(prompt=None), "prompt"),
@@ -130,13 +134,40 @@ def test_include_usage_needs_stream() -> None:
     assert not parse_chat_request(chat(stream_options={"include_usage": True})).include_usage
 
 
-def test_known_unsupported_fields_are_ignored() -> None:
+def test_fields_clients_send_at_their_defaults_are_accepted() -> None:
     request = parse_chat_request(chat(
-        logprobs=True, top_logprobs=2, frequency_penalty=0.5, presence_penalty=-1, logit_bias={"1": 2},
-        response_format={"type": "text"}, tools=[], parallel_tool_calls=False, service_tier="auto", store=False,
-        metadata={}, temperature=0.0,
+        logprobs=False, top_logprobs=0, logit_bias={}, response_format={"type": "text"}, tools=[],
+        tool_choice="none", parallel_tool_calls=False, service_tier="auto", store=False, metadata={},
+        temperature=0.0, frequency_penalty=0, presence_penalty=0.0,
     ))
-    assert request.sampling.temperature == 0.0
+    assert request.sampling.temperature == 0.0 and not request.sampling.penalised
+    assert not parse_completion_request(completion(logprobs=None, echo=False, suffix="")).sampling.penalised
+
+
+def test_penalties_and_min_tokens_are_applied_not_dropped() -> None:
+    sampling = parse_chat_request(chat(frequency_penalty=0.5, presence_penalty=-1, repetition_penalty=1.3,
+                                       min_tokens=3, max_tokens=5)).sampling
+    assert (sampling.frequency_penalty, sampling.presence_penalty, sampling.repetition_penalty,
+            sampling.min_tokens) == (0.5, -1.0, 1.3, 3)
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (chat(logprobs=True), "logprobs"),
+    (chat(top_logprobs=2), "top_logprobs"),
+    (completion(logprobs=1), "logprobs"),
+    (completion(echo=True), "echo"),
+    (completion(suffix="end"), "suffix"),
+    (chat(logit_bias={"1": 2}), "logit_bias"),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (chat(tool_choice="auto"), "tool_choice"),
+    (chat(response_format={"type": "json_object"}), "response_format"),
+    (chat(min_p=0.1), "min_p"),
+])
+def test_features_not_implemented_are_refused_by_name(body: dict, field: str) -> None:
+    parse = parse_chat_request if "messages" in body else parse_completion_request
+    with pytest.raises(InvalidRequest) as info:
+        parse(body)
+    assert info.value.field == field and field in info.value.message
 
 
 @pytest.mark.parametrize(("prompt", "expected"), [

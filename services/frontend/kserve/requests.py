@@ -30,14 +30,14 @@ _IGNORED = object()  # a neutral value meaning "any value is fine: it changes no
 # vLLM SamplingParams keys Tandem has no use for: accepted only at their neutral value (None:
 # only null), so a request never silently samples differently from what it asked for.
 _NEUTRAL_SAMPLING_KEYS: dict[str, Any] = {
-    "n": 1, "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-    "min_p": 0.0, "min_tokens": 0, "logprobs": None, "prompt_logprobs": None, "use_beam_search": False,
+    "n": 1, "best_of": 1,
+    "min_p": 0.0, "logprobs": None, "prompt_logprobs": None, "use_beam_search": False,
     "length_penalty": 1.0, "skip_special_tokens": True, "spaces_between_special_tokens": True,
     "include_stop_str_in_output": False, "detokenize": True, "lora_name": None,
 }
 # TensorRT-LLM inputs, likewise.
 _NEUTRAL_TRTLLM_INPUTS: dict[str, Any] = {
-    "beam_width": 1, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+    "beam_width": 1,
     "return_log_probs": False, "return_context_logits": False, "return_generation_logits": False,
     "length_penalty": _IGNORED,  # only shapes beam search, and beam_width is 1
     "pad_id": _IGNORED,  # padding is internal to the engine
@@ -206,7 +206,7 @@ def _apply_trtllm_inputs(kwargs: dict[str, Any], tensors: Mapping[str, Tensor]) 
     for name, key in (("max_tokens", "max_tokens"), ("top_k", "top_k"), ("random_seed", "seed")):
         if (value := scalar(name)) is not None:
             kwargs[key] = _coerce_int(value, name)
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if (value := scalar(name)) is not None:
             kwargs[name] = _coerce_float(value, name)
     if "stop_words" in tensors:
@@ -297,4 +297,6 @@ _VLLM_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "max_tokens": _coerce_int, "temperature": _coerce_float, "top_p": _coerce_float,
     "top_k": _coerce_top_k, "seed": _coerce_int, "stop": _coerce_stop,
     "stop_token_ids": _coerce_token_ids, "ignore_eos": _coerce_bool,
+    "presence_penalty": _coerce_float, "frequency_penalty": _coerce_float, "repetition_penalty": _coerce_float,
+    "min_tokens": _coerce_int,
 }

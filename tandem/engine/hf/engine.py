@@ -101,7 +101,7 @@ class HFEngine(DisaggregationMixin):
             eos_ids.add(self.tokenizer.eos_token_id)
         self.block_manager = BlockManager(cfg.num_kv_blocks, cfg.block_size, on_event=self._kv_events.record)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, eos_ids)
-        self.sampler = Sampler()
+        self.sampler = Sampler(eos_token_ids=eos_ids)
 
     async def shutdown(self) -> None:
         self._stopping = True
@@ -142,8 +142,14 @@ class HFEngine(DisaggregationMixin):
         max_total = self._validate(request)
         if pin:
             max_total = len(request.prompt_token_ids) + 1
-        return Sequence(request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids),
-                        request.sampling, max_total, arrival_s=time.monotonic(), pin_on_finish=pin)
+        num_prompt = len(request.prompt_token_ids)
+        if not 0 <= request.num_resumed_output_tokens < num_prompt:
+            raise InvalidRequest(f"num_resumed_output_tokens must be in [0, {num_prompt}) (the prompt has "
+                                 f"{num_prompt} tokens), got {request.num_resumed_output_tokens}",
+                                 "num_resumed_output_tokens")
+        return Sequence(request.request_id, list(request.prompt_token_ids), num_prompt,
+                        request.sampling, max_total, arrival_s=time.monotonic(), pin_on_finish=pin,
+                        output_start=num_prompt - request.num_resumed_output_tokens)
 
     def _open(self, request_id: str) -> asyncio.Queue[TokenUpdate]:
         updates: asyncio.Queue[TokenUpdate] = asyncio.Queue()
@@ -318,8 +324,10 @@ class HFEngine(DisaggregationMixin):
             return
         sampling = [item for item in scheduled if item.samples]
         logits = self.runner.execute(scheduled)
-        tokens = self.sampler.sample(logits, [i.seq.sampling for i in sampling],
-                                     [i.seq.num_tokens for i in sampling])
+        params = [i.seq.sampling for i in sampling]
+        histories = ([(i.seq.token_ids, i.seq.output_start, i.seq.num_prompt_tokens) for i in sampling]
+                     if any(p.penalised for p in params) else None)
+        tokens = self.sampler.sample(logits, params, [i.seq.num_tokens for i in sampling], histories)
         for seq in self.scheduler.postprocess(scheduled, tokens):
             pinned = list(seq.block_table) if seq.request_id in self.scheduler.pinned else []
             updates[seq.request_id] = TokenUpdate([seq.token_ids[-1]], seq.finish_reason, seq.num_cached_tokens,

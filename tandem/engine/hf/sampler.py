@@ -1,4 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, top-p, and seeded draws that depend only on (seed, position).
+"""Token sampling: penalties and min_tokens, then greedy, temperature, top-k, top-p, and seeded draws
+that depend only on (seed, position).
 
 A seeded request's draw for the token at position p uses a generator seeded from (seed, p),
 so the same request resumed elsewhere (after a migration) draws the same tokens.
@@ -6,11 +7,17 @@ so the same request resumed elsewhere (after a migration) draws the same tokens.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+
 import torch
 
 from tandem.engine.types import SamplingParams
 
 _MASK64 = (1 << 64) - 1
+
+# One request's tokens so far, where its output starts (earlier output of a moved request
+# included) and where its prompt on this engine ends.
+History = tuple[Sequence[int], int, int]
 
 
 def mix_seed(seed: int, position: int) -> int:
@@ -19,6 +26,33 @@ def mix_seed(seed: int, position: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+def penalised_logits(logits: torch.Tensor, params: SamplingParams, history: History,
+                     stop_token_ids: Collection[int]) -> torch.Tensor:
+    """One row of logits after the request's penalties and min_tokens (a new tensor).
+
+    Repetition penalty scales every token of the prompt and the output, as transformers' and vLLM's
+    do; presence and frequency penalties (OpenAI's) count the output, including what the request
+    generated before it moved here; ``stop_token_ids`` cannot be drawn before ``min_tokens`` tokens
+    were generated here (a moved request's min_tokens is what was left of it, like max_tokens).
+    """
+    token_ids, output_start, prompt_end = history
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    if params.repetition_penalty != 1.0 and token_ids:
+        seen_ids = torch.tensor(sorted({t for t in token_ids if t < vocab}), dtype=torch.long)
+        seen = logits[seen_ids]
+        logits[seen_ids] = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
+    output = token_ids[output_start:]
+    if (params.presence_penalty or params.frequency_penalty) and output:
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    if len(token_ids) - prompt_end < params.min_tokens:
+        banned = [t for t in stop_token_ids if t < vocab]
+        if banned:
+            logits[banned] = float("-inf")
+    return logits
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -39,7 +73,8 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 
 
 class Sampler:
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, eos_token_ids: Collection[int] = ()) -> None:
+        self._eos_token_ids = frozenset(eos_token_ids)
         self._unseeded = torch.Generator()
         if seed is None:
             self._unseeded.seed()
@@ -47,13 +82,26 @@ class Sampler:
             self._unseeded.manual_seed(seed)
         self._seeded = torch.Generator()
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
-        """One token per row; ``positions`` are the indices the new tokens will take."""
+    def sample(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+               histories: Sequence[History] | None = None) -> list[int]:
+        """One token per row; ``positions`` are the indices the new tokens will take.
+
+        ``histories`` is needed only when a row has penalties or min_tokens; rows without them never
+        touch it.
+        """
         tokens = torch.argmax(logits, dim=-1).tolist()
         for row, (p, position) in enumerate(zip(params, positions, strict=True)):
+            row_logits = logits[row]
+            if p.penalised:
+                if histories is None:
+                    raise ValueError("a request with penalties or min_tokens needs its token history")
+                stop_ids = set(p.stop_token_ids) if p.ignore_eos else self._eos_token_ids | set(p.stop_token_ids)
+                row_logits = penalised_logits(row_logits, p, histories[row], stop_ids)
+                if p.greedy:
+                    tokens[row] = int(torch.argmax(row_logits))
             if p.greedy:
                 continue
-            probs = filtered_probs(logits[row], p)
+            probs = filtered_probs(row_logits, p)
             if p.seed is None:
                 generator = self._unseeded
             else:

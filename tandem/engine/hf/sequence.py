@@ -30,6 +30,13 @@ class Sequence:
     arrival_s: float = 0.0
     # prefill role: keep the blocks after the first token, for a KV export (see Scheduler.pinned)
     pin_on_finish: bool = False
+    # where the output starts for penalties and min_tokens: before num_prompt_tokens when the
+    # request resumed here with its earlier output appended to the prompt
+    output_start: int = -1
+
+    def __post_init__(self) -> None:
+        if self.output_start < 0:
+            self.output_start = self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:
