@@ -6,6 +6,7 @@ from tandem.engine.types import EngineRequest, EngineStats, FinishReason, Reques
 from tandem.errors import TandemError
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.worker.v1 import worker_pb2
+from tandem.wire import logprob_to_proto
 
 _FINISH_REASONS = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -43,6 +44,8 @@ def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
         if message.HasField(name):
             kwargs[name] = getattr(message, name)
     kwargs["min_tokens"] = message.min_tokens
+    if message.HasField("logprobs"):
+        kwargs["logprobs"] = message.logprobs
     return SamplingParams(**kwargs)  # type: ignore[arg-type]  # validates; raises InvalidRequest
 
 
@@ -54,7 +57,8 @@ def request_from_proto(message: worker_pb2.GenerateRequest, request_id: str) -> 
 
 def response_from_output(output: RequestOutput) -> worker_pb2.GenerateResponse:
     response = worker_pb2.GenerateResponse(
-        delta=common_pb2.TokenDelta(token_ids=output.token_ids, text=output.text),
+        delta=common_pb2.TokenDelta(token_ids=output.token_ids, text=output.text,
+                                    logprobs=[logprob_to_proto(lp) for lp in output.logprobs or ()]),
     )
     if output.finish_reason is not None:
         response.finish_reason = _FINISH_REASONS[output.finish_reason]

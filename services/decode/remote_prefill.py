@@ -32,6 +32,7 @@ from tandem.kv.transfer.wire import handle_from_proto
 from tandem.proto.kv.v1 import kv_pb2, kv_pb2_grpc
 from tandem.proto.worker.v1 import worker_pb2
 from tandem.telemetry.logging import REQUEST_ID_HEADER
+from tandem.wire import logprob_from_proto
 
 log = structlog.get_logger("decode")
 
@@ -161,8 +162,10 @@ class RemotePrefill:
             assert transfer is not None  # load_kv is only given when there is a handle
             await self._load(transfer, reserved)
 
+        first_logprob = (logprob_from_proto(prefilled.first_token_logprob)
+                         if prefilled.HasField("first_token_logprob") else None)
         outputs = self._engine.generate_imported(request, reservation, prefilled.first_token_id,
-                                                 load_kv if transfer is not None else None)
+                                                 load_kv if transfer is not None else None, first_logprob)
         try:
             async for output in outputs:
                 yield output

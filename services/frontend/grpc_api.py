@@ -17,6 +17,7 @@ from tandem.grpc_server import request_id_from_context
 from tandem.proto.api.v1 import api_pb2, api_pb2_grpc
 from tandem.proto.common.v1 import common_pb2
 from tandem.telemetry.logging import REQUEST_ID_HEADER
+from tandem.wire import logprob_to_proto
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +71,8 @@ class GenerationApi(api_pb2_grpc.GenerationServiceServicer):
                     async for output in outputs:
                         response = api_pb2.GenerateResponse(
                             request_id=request_id,
-                            delta=common_pb2.TokenDelta(token_ids=output.token_ids, text=output.text),
+                            delta=common_pb2.TokenDelta(token_ids=output.token_ids, text=output.text,
+                                                        logprobs=[logprob_to_proto(lp) for lp in output.logprobs or ()]),
                             finish_reason=finish_reason_to_proto(output.finish_reason),
                         )
                         if output.finished:

@@ -123,7 +123,7 @@ class StreamProgress:
             request_id=output.request_id, token_ids=list(output.token_ids), text=text,
             finish_reason=finish_reason, num_prompt_tokens=len(self.prompt_token_ids),
             num_output_tokens=self.num_output_tokens, num_cached_tokens=self.num_cached_tokens,
-            error=output.error,
+            error=output.error, logprobs=output.logprobs,
         )
 
     def final_output(self, request_id: str, finish_reason: FinishReason) -> RequestOutput:

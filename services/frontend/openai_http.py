@@ -18,7 +18,7 @@ from services.frontend import sse
 from services.frontend.openai_protocol import parse_chat_request, parse_completion_request
 from services.frontend.pipeline import GenerationRequest, Pipeline, is_valid_request_id
 from services.frontend.routing import parse_routing_overrides
-from tandem.engine.types import RequestOutput
+from tandem.engine.types import RequestOutput, TokenLogprob
 from tandem.errors import InvalidRequest, TandemError
 from tandem.telemetry.logging import REQUEST_ID_HEADER
 
@@ -106,19 +106,25 @@ class OpenAIHttpApi:
         generation = GenerationRequest(request[REQUEST_ID], prompt_ids, parsed.sampling, endpoint, parsed.stream,
                                        routing)
         header = self._header("chatcmpl-", request[REQUEST_ID])
+        wants_logprobs = parsed.sampling.logprobs is not None
         if not parsed.stream:
-            text, last = await self._collect(generation)
-            return self._json(request, responses.chat_completion(header, text, last.finish_reason, _usage(last)))
+            text, last, logprobs = await self._collect(generation)
+            return self._json(request, responses.chat_completion(
+                header, text, last.finish_reason, _usage(last),
+                responses.chat_logprobs(logprobs, self._token_text) if wants_logprobs else None))
+        pending = _PendingLogprobs()
 
         def chunks(output: RequestOutput, first: bool) -> list[dict[str, Any]]:
             out = []
             if first:  # the role travels alone in the first chunk, as OpenAI sends it
                 out.append(responses.chat_chunk(header, role="assistant", content="",
                                                 include_usage=parsed.include_usage))
+            pending.add(output)
             if output.text or output.finished:
-                out.append(responses.chat_chunk(header, content=output.text or None,
-                                                finish_reason=output.finish_reason,
-                                                include_usage=parsed.include_usage))
+                out.append(responses.chat_chunk(
+                    header, content=output.text or None, finish_reason=output.finish_reason,
+                    include_usage=parsed.include_usage,
+                    logprobs=responses.chat_logprobs(pending.take(), self._token_text) if wants_logprobs else None))
             return out
 
         return await self._stream(request, generation, chunks, "chat.completion.chunk", header,
@@ -141,27 +147,42 @@ class OpenAIHttpApi:
         generation = GenerationRequest(request[REQUEST_ID], prompt_ids, parsed.sampling, endpoint, parsed.stream,
                                        routing)
         header = self._header("cmpl-", request[REQUEST_ID])
+        wants_logprobs = parsed.sampling.logprobs is not None
         if not parsed.stream:
-            text, last = await self._collect(generation)
-            return self._json(request, responses.completion(header, text, last.finish_reason, _usage(last)))
+            text, last, logprobs = await self._collect(generation)
+            return self._json(request, responses.completion(
+                header, text, last.finish_reason, _usage(last),
+                responses.completion_logprobs(logprobs, self._token_text, 0) if wants_logprobs else None))
+        pending = _PendingLogprobs()
 
         def chunks(output: RequestOutput, first: bool) -> list[dict[str, Any]]:
+            pending.add(output)
             if not output.text and not output.finished:
                 return []
-            return [responses.completion_chunk(header, output.text, output.finish_reason, parsed.include_usage)]
+            logprobs = None
+            if wants_logprobs:
+                logprobs = responses.completion_logprobs(pending.take(), self._token_text, pending.text_offset)
+                pending.text_offset += len(output.text)
+            return [responses.completion_chunk(header, output.text, output.finish_reason, parsed.include_usage,
+                                               logprobs)]
 
         return await self._stream(request, generation, chunks, "text_completion", header, parsed.include_usage)
 
-    async def _collect(self, generation: GenerationRequest) -> tuple[str, RequestOutput]:
+    async def _collect(self, generation: GenerationRequest) -> tuple[str, RequestOutput, list[TokenLogprob]]:
         texts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         last: RequestOutput | None = None
         async with aclosing(self.pipeline.generate(generation)) as outputs:
             async for output in outputs:
                 texts.append(output.text)
+                logprobs.extend(output.logprobs or ())
                 last = output
         if last is None or not last.finished:
             raise TandemError("the worker stream ended without a result")
-        return "".join(texts), last
+        return "".join(texts), last, logprobs
+
+    def _token_text(self, token_id: int) -> str:
+        return str(self.pipeline.tokenizer.decode([token_id]))
 
     async def _stream(
         self, request: web.Request, generation: GenerationRequest,
@@ -234,6 +255,22 @@ class OpenAIHttpApi:
     def _count_rejected(self, endpoint: str, stream: bool, exc: TandemError) -> None:
         self.pipeline.metrics.count_request(self.pipeline.model_name, endpoint,
                                             "stream" if stream else "unary", exc.code)
+
+
+class _PendingLogprobs:
+    """Logprobs of a stream's tokens not sent yet: a token whose text is held back (an unfinished
+    character, a possible stop string) sends its logprob with the chunk that carries its text."""
+
+    def __init__(self) -> None:
+        self._entries: list[TokenLogprob] = []
+        self.text_offset = 0  # completions: characters of the completion sent so far
+
+    def add(self, output: RequestOutput) -> None:
+        self._entries.extend(output.logprobs or ())
+
+    def take(self) -> list[TokenLogprob]:
+        entries, self._entries = self._entries, []
+        return entries
 
 
 def _dumps(value: Any) -> str:

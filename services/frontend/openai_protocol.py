@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.frontend.messages import normalise_messages
-from tandem.engine.types import SamplingParams
+from tandem.engine.types import MAX_LOGPROBS, SamplingParams
 from tandem.errors import InvalidRequest
 
 MAX_TEMPERATURE = 2.0  # OpenAI's upper bound
@@ -42,7 +42,7 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
     return ChatCompletionRequest(
         model=_optional(body, "model", str),
         messages=normalise_messages(body["messages"]),
-        sampling=parse_sampling(body),
+        sampling=parse_sampling(body, chat=True),
         stream=stream,
         include_usage=include_usage,
         user=_optional(body, "user", str),
@@ -55,15 +55,15 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     return CompletionRequest(
         model=_optional(body, "model", str),
         prompt=_parse_prompt(body.get("prompt")),
-        sampling=parse_sampling(body),
+        sampling=parse_sampling(body, chat=False),
         stream=stream,
         include_usage=include_usage,
         user=_optional(body, "user", str),
     )
 
 
-def parse_sampling(body: dict[str, Any]) -> SamplingParams:
-    """The sampling fields both endpoints share. OpenAI defaults: temperature 1, no max_tokens."""
+def parse_sampling(body: dict[str, Any], *, chat: bool) -> SamplingParams:
+    """The sampling fields of both endpoints. OpenAI defaults: temperature 1, no max_tokens."""
     for name in ("n", "best_of"):
         value = _optional(body, name, int)
         if value is not None and value != 1:
@@ -105,6 +105,7 @@ def parse_sampling(body: dict[str, Any]) -> SamplingParams:
     return SamplingParams(
         **penalties,  # type: ignore[arg-type]
         min_tokens=min_tokens or 0,
+        logprobs=_parse_logprobs(body, chat),
         max_tokens=max_tokens,
         temperature=1.0 if temperature is None else temperature,
         top_p=1.0 if top_p is None else top_p,
@@ -118,10 +119,8 @@ def parse_sampling(body: dict[str, Any]) -> SamplingParams:
 
 # Fields Tandem does not implement, with the values that ask for nothing (what clients send by
 # default). Any other value is refused, naming the field, so a request never silently gets less
-# than it asked for (no log probabilities, a biased or JSON-constrained draw, a tool call).
+# than it asked for (a biased or JSON-constrained draw, a tool call, an echoed prompt).
 _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "logprobs": ((False, 0), "log probabilities are not returned by this server"),
-    "top_logprobs": ((0,), "log probabilities are not returned by this server"),
     "echo": ((False,), "echo (the prompt in the completion) is not supported"),
     "suffix": (("",), "suffix (insertion) is not supported"),
     "logit_bias": (({},), "logit_bias is not supported"),
@@ -130,6 +129,25 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "min_p": ((0, 0.0), "min_p is not supported"),
     "use_beam_search": ((False,), "beam search is not supported"),
 }
+
+
+def _parse_logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """Alternatives per token (0: only the drawn token's), or None for no logprobs.
+
+    Chat: ``logprobs`` true and ``top_logprobs`` in [0, 20]; completions: ``logprobs`` in [0, 20].
+    """
+    if chat:
+        wanted = _optional(body, "logprobs", bool)
+        top = _optional(body, "top_logprobs", int)
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise InvalidRequest(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
+        if top and not wanted:
+            raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        return (top or 0) if wanted else None
+    count = _optional(body, "logprobs", int)
+    if count is not None and not 0 <= count <= MAX_LOGPROBS:
+        raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {count}", "logprobs")
+    return count
 
 
 def _reject_unsupported(body: dict[str, Any]) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tandem.engine.types import FinishReason
+from tandem.engine.types import FinishReason, TokenLogprob
 from tandem.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable
 
 
@@ -37,14 +38,41 @@ def _finish(reason: FinishReason | None) -> str | None:
     return None if reason is None else reason.value
 
 
+TokenText = Callable[[int], str]  # a token id's own text
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs`` object: one entry per output token with its top alternatives."""
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(e.token_id, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText, text_offset: int) -> dict[str, Any]:
+    """OpenAI's legacy completions ``logprobs`` object; ``text_offset`` is where the first token's
+    text starts in the completion. Each top_logprobs map holds the alternatives and the drawn token."""
+    tokens = [token_text(e.token_id) for e in entries]
+    offsets = []
+    for text in tokens:
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{**{token_text(t): lp for t, lp in e.top}, token: e.logprob}
+                             for e, token in zip(entries, tokens, strict=True)],
+            "text_offset": offsets}
+
+
 def chat_completion(header: ResponseHeader, text: str, finish_reason: FinishReason | None,
-                    usage: Usage) -> dict[str, Any]:
+                    usage: Usage, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "id": header.id, "object": "chat.completion", "created": header.created, "model": header.model,
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": _finish(finish_reason),
         }],
         "usage": usage.to_dict(),
@@ -52,7 +80,8 @@ def chat_completion(header: ResponseHeader, text: str, finish_reason: FinishReas
 
 
 def chat_chunk(header: ResponseHeader, *, role: str | None = None, content: str | None = None,
-               finish_reason: FinishReason | None = None, include_usage: bool = False) -> dict[str, Any]:
+               finish_reason: FinishReason | None = None, include_usage: bool = False,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if role is not None:
         delta["role"] = role
@@ -60,7 +89,7 @@ def chat_chunk(header: ResponseHeader, *, role: str | None = None, content: str 
         delta["content"] = content
     chunk: dict[str, Any] = {
         "id": header.id, "object": "chat.completion.chunk", "created": header.created, "model": header.model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": _finish(finish_reason)}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": _finish(finish_reason)}],
     }
     if include_usage:
         chunk["usage"] = None  # as OpenAI: null on every chunk but the last
@@ -68,19 +97,19 @@ def chat_chunk(header: ResponseHeader, *, role: str | None = None, content: str 
 
 
 def completion(header: ResponseHeader, text: str, finish_reason: FinishReason | None,
-               usage: Usage) -> dict[str, Any]:
+               usage: Usage, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "id": header.id, "object": "text_completion", "created": header.created, "model": header.model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(finish_reason)}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": _finish(finish_reason)}],
         "usage": usage.to_dict(),
     }
 
 
 def completion_chunk(header: ResponseHeader, text: str, finish_reason: FinishReason | None = None,
-                     include_usage: bool = False) -> dict[str, Any]:
+                     include_usage: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     chunk: dict[str, Any] = {
         "id": header.id, "object": "text_completion", "created": header.created, "model": header.model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(finish_reason)}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": _finish(finish_reason)}],
     }
     if include_usage:
         chunk["usage"] = None

@@ -38,6 +38,7 @@ from tandem.proto.common.v1 import common_pb2
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
 from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
 from tandem.telemetry.logging import REQUEST_ID_HEADER
+from tandem.wire import logprobs_from_proto
 
 log = structlog.get_logger(__name__)
 
@@ -310,6 +311,8 @@ class Pipeline:
                     request_id=request.request_id, token_ids=token_ids, text=response.delta.text,
                     finish_reason=finish_reason, num_prompt_tokens=len(request.prompt_token_ids),
                     num_output_tokens=num_output_tokens,
+                    logprobs=(logprobs_from_proto(response.delta.logprobs)
+                              if request.sampling.logprobs is not None else None),
                 )
                 if response.HasField("usage"):
                     output.num_prompt_tokens = response.usage.prompt_tokens or output.num_prompt_tokens

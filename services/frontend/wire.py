@@ -32,6 +32,8 @@ def sampling_to_proto(sampling: SamplingParams) -> common_pb2.SamplingParams:
         message.max_tokens = sampling.max_tokens
     if sampling.seed is not None:
         message.seed = sampling.seed
+    if sampling.logprobs is not None:
+        message.logprobs = sampling.logprobs
     return message
 
 
@@ -50,6 +52,7 @@ def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
         frequency_penalty=message.frequency_penalty if message.HasField("frequency_penalty") else 0.0,
         repetition_penalty=message.repetition_penalty if message.HasField("repetition_penalty") else 1.0,
         min_tokens=message.min_tokens,
+        logprobs=message.logprobs if message.HasField("logprobs") else None,
     )
 
 

@@ -22,6 +22,7 @@ from tandem.kv.transfer.shared_pool import SharedPoolInfo
 from tandem.kv.transfer.wire import layout_to_proto, shared_pool_to_proto
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.kv.v1 import kv_pb2
+from tandem.wire import logprob_to_proto
 
 log = structlog.get_logger("prefill")
 
@@ -128,6 +129,8 @@ class PrefillServicer:
             response = kv_pb2.PrefillResponse(first_token_id=result.first_token_id,
                                               num_prompt_tokens=result.num_prompt_tokens,
                                               num_cached_tokens=result.num_cached_tokens)
+            if result.first_token_logprob is not None:
+                response.first_token_logprob.CopyFrom(logprob_to_proto(result.first_token_logprob))
             if result.finish_reason is not None:  # nothing pinned: the request ends with its first token
                 outcome = "finished"
                 response.finish_reason = _FINISH.get(result.finish_reason, common_pb2.FINISH_REASON_STOP)

@@ -31,6 +31,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: minus this per occurrence in the output
     repetition_penalty: float = 1.0  # transformers/vLLM: scales logits of prompt and output tokens
     min_tokens: int = 0  # EOS and stop token ids cannot end the request earlier
+    logprobs: int | None = None  # each token's log-probability and this many alternatives; None: off
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -54,6 +55,8 @@ class SamplingParams:
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise InvalidRequest(f"repetition_penalty must be in (0, 10] (1 is off), got {self.repetition_penalty}",
                                  "repetition_penalty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
         if self.min_tokens < 0:
             raise InvalidRequest(f"min_tokens must be >= 0, got {self.min_tokens}", "min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -69,6 +72,19 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+
+
+@dataclass(slots=True, frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature, penalties and
+    filtering, as vLLM's default) and the ``top`` alternatives, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(slots=True)
@@ -93,6 +109,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id when the request asked for them
 
     @property
     def finished(self) -> bool:
@@ -149,6 +166,7 @@ class PrefillResult:
     num_prompt_tokens: int
     num_cached_tokens: int
     block_ids: list[int]  # pinned until release_kv(request_id)
+    first_token_logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 @dataclass(slots=True)

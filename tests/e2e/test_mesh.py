@@ -100,8 +100,36 @@ def test_penalties_cross_the_mesh_and_features_it_lacks_are_refused(mesh: Mesh, 
 
     assert count(frequency_penalty=2.0, presence_penalty=2.0) != count()  # applied, not accepted and dropped
     with pytest.raises(openai.BadRequestError) as refused:
-        oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, logprobs=True)
-    assert refused.value.body["param"] == "logprobs"  # type: ignore[index]
+        oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, logit_bias={"50": 5})
+    assert refused.value.body["param"] == "logit_bias"  # type: ignore[index]
+    wait_kv_idle(mesh)
+
+
+def test_logprobs_with_the_openai_client_streamed_and_not(mesh: Mesh) -> None:
+    oai = client(mesh)
+    done = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0,
+                                  logprobs=2)
+    logprobs = done.choices[0].logprobs
+    assert logprobs is not None and len(logprobs.tokens) == done.usage.completion_tokens == 6
+    assert "".join(logprobs.tokens) == done.choices[0].text
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset[1] == len(logprobs.tokens[0])
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert logprob <= 0 and top[token] == logprob and len(top) <= 3
+        assert max(top.values()) == logprob  # greedy: the drawn token is the most likely one
+    messages = [{"role": "user", "content": "Name a color."}]
+    unary = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                        logprobs=True, top_logprobs=2)
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                              logprobs=True, top_logprobs=2, stream=True))
+    streamed = [entry for c in chunks if c.choices and c.choices[0].logprobs
+                for entry in c.choices[0].logprobs.content or []]
+    content = unary.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == unary.usage.completion_tokens  # type: ignore[union-attr]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    assert all(len(e.top_logprobs) == 2 and e.bytes == list(e.token.encode()) for e in content)
+    plain = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == unary.choices[0].message.content
     wait_kv_idle(mesh)
 
 

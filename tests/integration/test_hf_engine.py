@@ -301,3 +301,23 @@ async def test_a_resumed_request_counts_its_earlier_output_for_penalties(engine,
     with pytest.raises(InvalidRequest, match="num_resumed_output_tokens"):
         await anext(engine.generate(EngineRequest("bad", [1, 2], SamplingParams(), num_resumed_output_tokens=2)))
     assert_idle(engine)
+
+
+async def test_logprobs_match_transformers_logits_and_do_not_change_the_tokens(engine, reference) -> None:  # type: ignore[no-untyped-def]
+    ids = engine.tokenizer(PROMPTS[1])["input_ids"]
+    (with_logprobs, _), (without, _) = await asyncio.gather(
+        collect(engine, "lp", ids, max_tokens=8, temperature=0, logprobs=3),
+        collect(engine, "nolp", ids, max_tokens=8, temperature=0))
+    assert tokens_of(with_logprobs) == tokens_of(without)
+    assert all(out.logprobs is None for out in without)
+    entries = [lp for out in with_logprobs for lp in out.logprobs or []]
+    assert [e.token_id for e in entries] == tokens_of(with_logprobs)
+    expected = reference.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+    for entry, logits in zip(entries, expected.logits, strict=True):
+        reference_logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+        assert entry.logprob == pytest.approx(float(reference_logprobs[entry.token_id]), abs=1e-4)
+        top = torch.topk(reference_logprobs, 3)
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert entry.top[0][0] == entry.token_id  # greedy draws the most likely token
+    assert_idle(engine)

@@ -100,6 +100,8 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
             await asyncio.sleep(0.001)
             k = start + i
             response = worker_pb2.GenerateResponse(delta=common_pb2.TokenDelta(token_ids=[10 + k], text=f" t{k}"))
+            if request.sampling.HasField("logprobs"):
+                response.delta.logprobs.add(token_id=10 + k, logprob=-k / 8)
             if i == request.sampling.max_tokens - 1:
                 response.finish_reason = common_pb2.FINISH_REASON_LENGTH
                 response.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=i + 1))
@@ -240,9 +242,17 @@ async def test_a_moved_request_tells_the_next_worker_which_prompt_tokens_are_its
     mesh.workers[0].break_after = 3
     pipeline = mesh.pipeline()
     request = GenerationRequest("r1", list(PROMPT), SamplingParams(max_tokens=8, min_tokens=5, temperature=0,
-                                                                   frequency_penalty=0.5), "completions", True)
-    text, _, _ = await _collect(pipeline, request)
+                                                                   frequency_penalty=0.5, logprobs=0),
+                                "completions", True)
+    logprobs = []
+    async with aclosing(pipeline.generate(request)) as outputs:
+        text = ""
+        async for output in outputs:
+            text += output.text
+            logprobs += output.logprobs or []
     assert text == EXPECTED_TEXT
+    # Each token's logprob once, in order, across the move.
+    assert [(e.token_id, e.logprob) for e in logprobs] == [(10 + k, -k / 8) for k in range(8)]
     assert mesh.workers[0].resumed == [(0, 5, 0.5)]
     assert mesh.workers[1].resumed == [(3, 2, 0.5)] and mesh.workers[1].max_tokens == [5]
     await pipeline.close()

@@ -351,3 +351,32 @@ async def test_a_client_leaving_mid_transfer_frees_blocks_on_both_sides(
     # Freed by the decode worker's ReleaseKv, long before the 30 s lease would have.
     assert sample(prefill, "tandem_kv_leases_ended_total", {"reason": "released"}) == released + 1
 
+
+
+async def test_logprobs_and_penalties_survive_remote_prefill(prefill: PrefillWorker, aggregated: DecodeWorker,
+                                                             over_shm: DecodeWorker, tokenizer: Any) -> None:
+    # The first token is drawn on the prefill worker: its logprob and the request's penalties travel too.
+    ids = prompts(tokenizer)[1]
+    asked = request(ids, "lp-agg")
+    asked.sampling.logprobs, asked.sampling.repetition_penalty = 2, 1.3
+
+    async def responses(worker: DecodeWorker, message: worker_pb2.GenerateRequest) -> list[common_pb2.TokenLogprob]:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            entries: list[common_pb2.TokenLogprob] = []
+            async for response in worker_pb2_grpc.WorkerServiceStub(channel).Generate(message):
+                assert len(response.delta.logprobs) == len(response.delta.token_ids)
+                entries += response.delta.logprobs
+            return entries
+
+    expected = await responses(aggregated, asked)
+    remote = worker_pb2.GenerateRequest()
+    remote.CopyFrom(asked)
+    remote.request_id = "lp-remote"
+    remote.prefill.CopyFrom(hint(prefill))
+    remote_before = sample(over_shm, "tandem_worker_prefills_total", {"where": "remote", "reason": ""})
+    got = await responses(over_shm, remote)
+    assert sample(over_shm, "tandem_worker_prefills_total", {"where": "remote", "reason": ""}) == remote_before + 1
+    assert [e.token_id for e in got] == [e.token_id for e in expected] and len(got) == MAX_TOKENS
+    assert [e.logprob for e in got] == pytest.approx([e.logprob for e in expected], abs=1e-4)
+    assert [len(e.top_logprobs) for e in got] == [2] * MAX_TOKENS
+    assert (await generate(aggregated, request(ids, "plain")))[0] != [e.token_id for e in expected]  # penalised

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.engine.hf.sampler import Sampler, filtered_probs, mix_seed, penalised_logits
+from tandem.engine.hf.sampler import Sampler, filtered_probs, mix_seed, penalised_logits, token_logprobs
 from tandem.engine.types import SamplingParams
 from tandem.errors import InvalidRequest
 
@@ -119,3 +119,16 @@ def test_penalty_settings_out_of_range_name_their_field(field: str, value: float
     with pytest.raises(InvalidRequest) as info:
         SamplingParams(**{field: value})  # type: ignore[arg-type]
     assert info.value.field == field
+
+
+def test_logprobs_are_the_models_own_distribution_with_the_top_alternatives() -> None:
+    rows = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    params = [SamplingParams(temperature=0.5, logprobs=2), SamplingParams()]
+    first, second = token_logprobs(rows, params, [2, 0])
+    expected = torch.log_softmax(rows[0], dim=-1)
+    assert first is not None and second is None  # only the row that asked
+    assert first.token_id == 2 and first.logprob == pytest.approx(float(expected[2]))  # not tempered
+    assert [t for t, _ in first.top] == [1, 2]
+    assert [lp for _, lp in first.top] == pytest.approx([float(expected[1]), float(expected[2])])
+    only_drawn = token_logprobs(rows[:1], [SamplingParams(logprobs=0)], [3])[0]
+    assert only_drawn is not None and only_drawn.top == ()

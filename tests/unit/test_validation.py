@@ -66,6 +66,9 @@ CHAT_CASES = [
     (chat(repetition_penalty=0), "repetition_penalty"),
     (chat(min_tokens=-1), "min_tokens"),
     (chat(min_tokens=9, max_tokens=4), "min_tokens"),
+    (chat(logprobs=1), "logprobs"),
+    (chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (chat(top_logprobs=2), "top_logprobs"),
 ]
 COMPLETION_CASES = [
     (completion(prompt=None), "prompt"),
@@ -77,6 +80,8 @@ COMPLETION_CASES = [
     (completion(prompt=[1, -1]), "prompt"),
     (completion(prompt=42), "prompt"),
     (completion(max_tokens=0), "max_tokens"),
+    (completion(logprobs=True), "logprobs"),
+    (completion(logprobs=-1), "logprobs"),
     (completion(n=4), "n"),
     (completion(temperature=3), "temperature"),
 ]
@@ -152,9 +157,6 @@ def test_penalties_and_min_tokens_are_applied_not_dropped() -> None:
 
 
 @pytest.mark.parametrize(("body", "field"), [
-    (chat(logprobs=True), "logprobs"),
-    (chat(top_logprobs=2), "top_logprobs"),
-    (completion(logprobs=1), "logprobs"),
     (completion(echo=True), "echo"),
     (completion(suffix="end"), "suffix"),
     (chat(logit_bias={"1": 2}), "logit_bias"),
@@ -186,3 +188,12 @@ def test_messages_are_flattened_for_the_template() -> None:
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "name": "x"},
     ])
     assert messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+
+
+def test_logprobs_in_chat_and_completions_spelling() -> None:
+    assert parse_chat_request(chat(logprobs=True, top_logprobs=3)).sampling.logprobs == 3
+    assert parse_chat_request(chat(logprobs=True)).sampling.logprobs == 0
+    assert parse_chat_request(chat(logprobs=False, top_logprobs=0)).sampling.logprobs is None
+    assert parse_completion_request(completion(logprobs=2)).sampling.logprobs == 2
+    assert parse_completion_request(completion(logprobs=0)).sampling.logprobs == 0
+    assert parse_completion_request(completion()).sampling.logprobs is None

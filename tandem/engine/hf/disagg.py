@@ -21,6 +21,7 @@ from tandem.engine.types import (
     KVReservation,
     PrefillResult,
     RequestOutput,
+    TokenLogprob,
 )
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class TokenUpdate:
     num_cached_tokens: int
     error: str | None = None
     pinned_block_ids: list[int] = field(default_factory=list)  # prefill role only
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
 
 class DisaggregationMixin:
@@ -90,7 +92,8 @@ class DisaggregationMixin:
         if request.sampling.max_tokens == 1:
             reason = FinishReason.LENGTH
         return PrefillResult(seq.request_id, update.token_ids[-1], reason, seq.num_prompt_tokens,
-                             update.num_cached_tokens, update.pinned_block_ids)
+                             update.num_cached_tokens, update.pinned_block_ids,
+                             update.logprobs[-1] if update.logprobs else None)
 
     def read_kv(self, block_ids: list[int], layer_start: int, layer_count: int,
                 out: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,7 +168,8 @@ class DisaggregationMixin:
 
     async def generate_imported(self, request: EngineRequest, reservation: KVReservation | None,
                                 first_token_id: int,
-                                load_kv: Callable[[KVReservation], Awaitable[None]] | None
+                                load_kv: Callable[[KVReservation], Awaitable[None]] | None,
+                                first_token_logprob: TokenLogprob | None = None
                                 ) -> AsyncIterator[RequestOutput]:
         """Continue a request prefilled elsewhere: emit its first token at once, then import and decode.
 
@@ -180,7 +184,8 @@ class DisaggregationMixin:
         updates = self._open(rid)
         seq.token_ids.append(first_token_id)
         first_reason = self.scheduler.stop_reason(seq, first_token_id)
-        preset = [TokenUpdate([first_token_id], first_reason, seq.num_cached_tokens)]
+        preset = [TokenUpdate([first_token_id], first_reason, seq.num_cached_tokens,
+                              logprobs=None if first_token_logprob is None else [first_token_logprob])]
         relay = self._relay(request, updates, preset)
         submitted = False
         try:

@@ -27,6 +27,7 @@ from tandem.engine.types import (
     FinishReason,
     RequestOutput,
     StepInfo,
+    TokenLogprob,
 )
 from tandem.errors import InvalidRequest, ResourceExhausted
 from tandem.kv.events import KvEventLog, KvSnapshot, KvSubscription
@@ -181,10 +182,13 @@ class HFEngine(DisaggregationMixin):
             while not finished:
                 update = preset.pop(0) if preset else await updates.get()
                 token_ids = list(update.token_ids)
+                logprobs = None if request.sampling.logprobs is None else list(update.logprobs or [])
                 reason = update.finish_reason
                 while reason is None and not preset and not updates.empty():  # coalesce when the reader lags
                     more = updates.get_nowait()
                     token_ids.extend(more.token_ids)
+                    if logprobs is not None:
+                        logprobs.extend(more.logprobs or [])
                     reason, update = more.finish_reason, more
                 num_output += len(token_ids)
                 text = detok.add(token_ids)
@@ -199,7 +203,7 @@ class HFEngine(DisaggregationMixin):
                 finished = reason is not None
                 if token_ids or text or finished:
                     yield RequestOutput(rid, token_ids, text, reason, num_prompt, num_output,
-                                        update.num_cached_tokens, update.error)
+                                        update.num_cached_tokens, update.error, logprobs)
         finally:
             self._streams.pop(rid, None)
             if not finished:  # the consumer went away: free the request's blocks
@@ -328,10 +332,19 @@ class HFEngine(DisaggregationMixin):
         histories = ([(i.seq.token_ids, i.seq.output_start, i.seq.num_prompt_tokens) for i in sampling]
                      if any(p.penalised for p in params) else None)
         tokens = self.sampler.sample(logits, params, [i.seq.num_tokens for i in sampling], histories)
+        logprobs: dict[str, TokenLogprob] = {}
+        if any(p.logprobs is not None for p in params):
+            from tandem.engine.hf.sampler import token_logprobs  # torch is imported on start, not on import
+
+            for item, logprob in zip(sampling, token_logprobs(logits, params, tokens), strict=True):
+                if logprob is not None:
+                    logprobs[item.seq.request_id] = logprob
         for seq in self.scheduler.postprocess(scheduled, tokens):
             pinned = list(seq.block_table) if seq.request_id in self.scheduler.pinned else []
+            logprob = logprobs.get(seq.request_id)
             updates[seq.request_id] = TokenUpdate([seq.token_ids[-1]], seq.finish_reason, seq.num_cached_tokens,
-                                              pinned_block_ids=pinned)
+                                                  pinned_block_ids=pinned,
+                                                  logprobs=None if logprob is None else [logprob])
         duration_s = time.perf_counter() - started
         self._recent_step_s = duration_s if not self._recent_step_s else 0.8 * self._recent_step_s + 0.2 * duration_s
         if self._on_step is not None:

@@ -11,7 +11,7 @@ from collections.abc import Collection, Sequence
 
 import torch
 
-from tandem.engine.types import SamplingParams
+from tandem.engine.types import SamplingParams, TokenLogprob
 
 _MASK64 = (1 << 64) - 1
 
@@ -111,3 +111,19 @@ class Sampler:
             race = torch.empty_like(probs).exponential_(1.0, generator=generator)
             tokens[row] = int(torch.argmax(probs / race))
         return tokens
+
+
+def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: list[int]) -> list[TokenLogprob | None]:
+    """For each row that asked for logprobs: the drawn token's log-probability under the model's
+    own distribution (the raw logits) and the ``params.logprobs`` most likely tokens; else None."""
+    out: list[TokenLogprob | None] = [None] * len(tokens)
+    for row, (p, token) in enumerate(zip(params, tokens, strict=True)):
+        if p.logprobs is None:
+            continue
+        logprobs = torch.log_softmax(logits[row].float(), dim=-1)
+        top: tuple[tuple[int, float], ...] = ()
+        if p.logprobs:
+            values, ids = torch.topk(logprobs, p.logprobs)
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        out[row] = TokenLogprob(token, float(logprobs[token]), top)
+    return out

@@ -20,6 +20,7 @@ from tandem.engine.types import (
     KVReservation,
     PrefillResult,
     RequestOutput,
+    TokenLogprob,
 )
 from tandem.kv.transfer.chunks import ChunkSpec
 from tandem.kv.transfer.shared_pool import SharedPoolInfo
@@ -149,7 +150,8 @@ class ImportingEngine(Protocol):
         """``KvSink.copy_from_pool`` into the reservation: pool to pool, no staging."""
 
     def generate_imported(self, request: EngineRequest, reservation: KVReservation | None, first_token_id: int,
-                          load_kv: Callable[[KVReservation], Awaitable[None]] | None
+                          load_kv: Callable[[KVReservation], Awaitable[None]] | None,
+                          first_token_logprob: TokenLogprob | None = None,
                           ) -> AsyncIterator[RequestOutput]:
         """Emit the first token, await ``load_kv`` (falling back to a local prefill if it
         raises), then decode. Closing the iterator frees the reservation."""

@@ -25,45 +25,45 @@ _sym_db = _symbol_database.Default()
 from tandem.proto.common.v1 import common_pb2 as tandem_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/kv/v1/kv.proto\x12\x0ctandem.kv.v1\x1a\x1dtandem/common/v1/common.proto\"i\n\x08KvLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\x95\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12!\n\x19num_resumed_output_tokens\x18\x04 \x01(\r\"\xbe\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.tandem.common.v1.FinishReason\x12&\n\x06handle\x18\x03 \x01(\x0b\x32\x16.tandem.kv.v1.KvHandle\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\"\xff\x01\n\x08KvHandle\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.tandem.kv.v1.KvLayout\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\x12\x0f\n\x07host_id\x18\x07 \x01(\t\x12/\n\x0bshared_pool\x18\x08 \x01(\x0b\x32\x1a.tandem.kv.v1.SharedKvPool\x12\x11\n\tblock_ids\x18\t \x03(\r\x12\x16\n\x0epull_addresses\x18\n \x03(\t\"l\n\x0cSharedKvPool\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x14\n\x0csegment_size\x18\x02 \x01(\x04\x12\x10\n\x08k_offset\x18\x03 \x01(\x04\x12\x10\n\x08v_offset\x18\x04 \x01(\x04\x12\x11\n\tnum_slots\x18\x05 \x01(\x04\"\xb1\x01\n\rPullKvRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\r\x12\x18\n\x10sequence_numbers\x18\x04 \x03(\r\x12,\n\ttransport\x18\x05 \x01(\x0e\x32\x19.tandem.kv.v1.KvTransport\x12\x15\n\rskip_checksum\x18\x06 \x01(\x08\"\xc7\x01\n\x07KvChunk\x12\x17\n\x0fsequence_number\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0b\x62lock_start\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\t \x01(\x07\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12#\n\x03shm\x18\x08 \x01(\x0b\x32\x16.tandem.kv.v1.ShmSliceJ\x04\x08\x06\x10\x07R\x08\x63hecksum\"Q\n\x08ShmSlice\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x14\n\x0csegment_size\x18\x04 \x01(\x04\"\'\n\x10ReleaseKvRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"%\n\x11ReleaseKvResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"M\n\rHoldKvRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nbytes_sent\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunks_sent\x18\x03 \x01(\r\"_\n\x0eHoldKvResponse\x12\x11\n\tblock_ids\x18\x01 \x03(\r\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.tandem.kv.v1.KvLayout\"\xf6\x01\n\x0fPullIntoRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.tandem.kv.v1.KvLayout\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x05 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\r\x12\x18\n\x10sequence_numbers\x18\x07 \x03(\r\x12\x18\n\x10target_block_ids\x18\x08 \x03(\r\x12\x11\n\ttimeout_s\x18\t \x01(\x01\x12\x0c\n\x04stop\x18\n \x01(\x08\"<\n\x10PullIntoResponse\x12\x17\n\x0fsequence_number\x18\x01 \x01(\r\x12\x0f\n\x07problem\x18\x02 \x01(\t*X\n\x0bKvTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_TRANSPORT_GRPC\x10\x01\x12\x14\n\x10KV_TRANSPORT_SHM\x10\x02\x32\xaf\x02\n\x0ePrefillService\x12\x46\n\x07Prefill\x12\x1c.tandem.kv.v1.PrefillRequest\x1a\x1d.tandem.kv.v1.PrefillResponse\x12>\n\x06PullKv\x12\x1b.tandem.kv.v1.PullKvRequest\x1a\x15.tandem.kv.v1.KvChunk0\x01\x12L\n\tReleaseKv\x12\x1e.tandem.kv.v1.ReleaseKvRequest\x1a\x1f.tandem.kv.v1.ReleaseKvResponse\x12G\n\x06HoldKv\x12\x1b.tandem.kv.v1.HoldKvRequest\x1a\x1c.tandem.kv.v1.HoldKvResponse(\x01\x30\x01\x32]\n\x0cKvPullHelper\x12M\n\x08PullInto\x12\x1d.tandem.kv.v1.PullIntoRequest\x1a\x1e.tandem.kv.v1.PullIntoResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/kv/v1/kv.proto\x12\x0ctandem.kv.v1\x1a\x1dtandem/common/v1/common.proto\"i\n\x08KvLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\x95\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12!\n\x19num_resumed_output_tokens\x18\x04 \x01(\r\"\xfb\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.tandem.common.v1.FinishReason\x12&\n\x06handle\x18\x03 \x01(\x0b\x32\x16.tandem.kv.v1.KvHandle\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12;\n\x13\x66irst_token_logprob\x18\x06 \x01(\x0b\x32\x1e.tandem.common.v1.TokenLogprob\"\xff\x01\n\x08KvHandle\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.tandem.kv.v1.KvLayout\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\x12\x0f\n\x07host_id\x18\x07 \x01(\t\x12/\n\x0bshared_pool\x18\x08 \x01(\x0b\x32\x1a.tandem.kv.v1.SharedKvPool\x12\x11\n\tblock_ids\x18\t \x03(\r\x12\x16\n\x0epull_addresses\x18\n \x03(\t\"l\n\x0cSharedKvPool\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x14\n\x0csegment_size\x18\x02 \x01(\x04\x12\x10\n\x08k_offset\x18\x03 \x01(\x04\x12\x10\n\x08v_offset\x18\x04 \x01(\x04\x12\x11\n\tnum_slots\x18\x05 \x01(\x04\"\xb1\x01\n\rPullKvRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\r\x12\x18\n\x10sequence_numbers\x18\x04 \x03(\r\x12,\n\ttransport\x18\x05 \x01(\x0e\x32\x19.tandem.kv.v1.KvTransport\x12\x15\n\rskip_checksum\x18\x06 \x01(\x08\"\xc7\x01\n\x07KvChunk\x12\x17\n\x0fsequence_number\x18\x01 \x01(\r\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0b\x62lock_start\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x0e\n\x06\x63rc32c\x18\t \x01(\x07\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\x12#\n\x03shm\x18\x08 \x01(\x0b\x32\x16.tandem.kv.v1.ShmSliceJ\x04\x08\x06\x10\x07R\x08\x63hecksum\"Q\n\x08ShmSlice\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\x12\x14\n\x0csegment_size\x18\x04 \x01(\x04\"\'\n\x10ReleaseKvRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\"%\n\x11ReleaseKvResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"M\n\rHoldKvRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nbytes_sent\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunks_sent\x18\x03 \x01(\r\"_\n\x0eHoldKvResponse\x12\x11\n\tblock_ids\x18\x01 \x03(\r\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.tandem.kv.v1.KvLayout\"\xf6\x01\n\x0fPullIntoRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.tandem.kv.v1.KvLayout\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x05 \x01(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x06 \x01(\r\x12\x18\n\x10sequence_numbers\x18\x07 \x03(\r\x12\x18\n\x10target_block_ids\x18\x08 \x03(\r\x12\x11\n\ttimeout_s\x18\t \x01(\x01\x12\x0c\n\x04stop\x18\n \x01(\x08\"<\n\x10PullIntoResponse\x12\x17\n\x0fsequence_number\x18\x01 \x01(\r\x12\x0f\n\x07problem\x18\x02 \x01(\t*X\n\x0bKvTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_TRANSPORT_GRPC\x10\x01\x12\x14\n\x10KV_TRANSPORT_SHM\x10\x02\x32\xaf\x02\n\x0ePrefillService\x12\x46\n\x07Prefill\x12\x1c.tandem.kv.v1.PrefillRequest\x1a\x1d.tandem.kv.v1.PrefillResponse\x12>\n\x06PullKv\x12\x1b.tandem.kv.v1.PullKvRequest\x1a\x15.tandem.kv.v1.KvChunk0\x01\x12L\n\tReleaseKv\x12\x1e.tandem.kv.v1.ReleaseKvRequest\x1a\x1f.tandem.kv.v1.ReleaseKvResponse\x12G\n\x06HoldKv\x12\x1b.tandem.kv.v1.HoldKvRequest\x1a\x1c.tandem.kv.v1.HoldKvResponse(\x01\x30\x01\x32]\n\x0cKvPullHelper\x12M\n\x08PullInto\x12\x1d.tandem.kv.v1.PullIntoRequest\x1a\x1e.tandem.kv.v1.PullIntoResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.kv.v1.kv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVTRANSPORT']._serialized_start=1922
-  _globals['_KVTRANSPORT']._serialized_end=2010
+  _globals['_KVTRANSPORT']._serialized_start=1983
+  _globals['_KVTRANSPORT']._serialized_end=2071
   _globals['_KVLAYOUT']._serialized_start=70
   _globals['_KVLAYOUT']._serialized_end=175
   _globals['_PREFILLREQUEST']._serialized_start=178
   _globals['_PREFILLREQUEST']._serialized_end=327
   _globals['_PREFILLRESPONSE']._serialized_start=330
-  _globals['_PREFILLRESPONSE']._serialized_end=520
-  _globals['_KVHANDLE']._serialized_start=523
-  _globals['_KVHANDLE']._serialized_end=778
-  _globals['_SHAREDKVPOOL']._serialized_start=780
-  _globals['_SHAREDKVPOOL']._serialized_end=888
-  _globals['_PULLKVREQUEST']._serialized_start=891
-  _globals['_PULLKVREQUEST']._serialized_end=1068
-  _globals['_KVCHUNK']._serialized_start=1071
-  _globals['_KVCHUNK']._serialized_end=1270
-  _globals['_SHMSLICE']._serialized_start=1272
-  _globals['_SHMSLICE']._serialized_end=1353
-  _globals['_RELEASEKVREQUEST']._serialized_start=1355
-  _globals['_RELEASEKVREQUEST']._serialized_end=1394
-  _globals['_RELEASEKVRESPONSE']._serialized_start=1396
-  _globals['_RELEASEKVRESPONSE']._serialized_end=1433
-  _globals['_HOLDKVREQUEST']._serialized_start=1435
-  _globals['_HOLDKVREQUEST']._serialized_end=1512
-  _globals['_HOLDKVRESPONSE']._serialized_start=1514
-  _globals['_HOLDKVRESPONSE']._serialized_end=1609
-  _globals['_PULLINTOREQUEST']._serialized_start=1612
-  _globals['_PULLINTOREQUEST']._serialized_end=1858
-  _globals['_PULLINTORESPONSE']._serialized_start=1860
-  _globals['_PULLINTORESPONSE']._serialized_end=1920
-  _globals['_PREFILLSERVICE']._serialized_start=2013
-  _globals['_PREFILLSERVICE']._serialized_end=2316
-  _globals['_KVPULLHELPER']._serialized_start=2318
-  _globals['_KVPULLHELPER']._serialized_end=2411
+  _globals['_PREFILLRESPONSE']._serialized_end=581
+  _globals['_KVHANDLE']._serialized_start=584
+  _globals['_KVHANDLE']._serialized_end=839
+  _globals['_SHAREDKVPOOL']._serialized_start=841
+  _globals['_SHAREDKVPOOL']._serialized_end=949
+  _globals['_PULLKVREQUEST']._serialized_start=952
+  _globals['_PULLKVREQUEST']._serialized_end=1129
+  _globals['_KVCHUNK']._serialized_start=1132
+  _globals['_KVCHUNK']._serialized_end=1331
+  _globals['_SHMSLICE']._serialized_start=1333
+  _globals['_SHMSLICE']._serialized_end=1414
+  _globals['_RELEASEKVREQUEST']._serialized_start=1416
+  _globals['_RELEASEKVREQUEST']._serialized_end=1455
+  _globals['_RELEASEKVRESPONSE']._serialized_start=1457
+  _globals['_RELEASEKVRESPONSE']._serialized_end=1494
+  _globals['_HOLDKVREQUEST']._serialized_start=1496
+  _globals['_HOLDKVREQUEST']._serialized_end=1573
+  _globals['_HOLDKVRESPONSE']._serialized_start=1575
+  _globals['_HOLDKVRESPONSE']._serialized_end=1670
+  _globals['_PULLINTOREQUEST']._serialized_start=1673
+  _globals['_PULLINTOREQUEST']._serialized_end=1919
+  _globals['_PULLINTORESPONSE']._serialized_start=1921
+  _globals['_PULLINTORESPONSE']._serialized_end=1981
+  _globals['_PREFILLSERVICE']._serialized_start=2074
+  _globals['_PREFILLSERVICE']._serialized_end=2377
+  _globals['_KVPULLHELPER']._serialized_start=2379
+  _globals['_KVPULLHELPER']._serialized_end=2472
 # @@protoc_insertion_point(module_scope)
