@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -107,27 +109,30 @@ class OpenAIHttpApi:
                                        routing)
         header = self._header("chatcmpl-", request[REQUEST_ID])
         wants_logprobs = parsed.sampling.logprobs is not None
+        generations = _choices(generation, parsed.n)
         if not parsed.stream:
-            text, last, logprobs = await self._collect(generation)
-            return self._json(request, responses.chat_completion(
+            results = await self._collect_all(generations)
+            return self._json(request, _merge_choices([responses.chat_completion(
                 header, text, last.finish_reason, _usage(last),
-                responses.chat_logprobs(logprobs, self._token_text) if wants_logprobs else None))
-        pending = _PendingLogprobs()
+                responses.chat_logprobs(logprobs, self._token_text) if wants_logprobs else None)
+                for text, last, logprobs in results], _total_usage([last for _, last, _ in results])))
+        pending = [_PendingLogprobs() for _ in generations]
 
-        def chunks(output: RequestOutput, first: bool) -> list[dict[str, Any]]:
+        def chunks(output: RequestOutput, first: bool, index: int) -> list[dict[str, Any]]:
             out = []
             if first:  # the role travels alone in the first chunk, as OpenAI sends it
                 out.append(responses.chat_chunk(header, role="assistant", content="",
                                                 include_usage=parsed.include_usage))
-            pending.add(output)
+            pending[index].add(output)
             if output.text or output.finished:
                 out.append(responses.chat_chunk(
                     header, content=output.text or None, finish_reason=output.finish_reason,
                     include_usage=parsed.include_usage,
-                    logprobs=responses.chat_logprobs(pending.take(), self._token_text) if wants_logprobs else None))
+                    logprobs=(responses.chat_logprobs(pending[index].take(), self._token_text)
+                              if wants_logprobs else None)))
             return out
 
-        return await self._stream(request, generation, chunks, "chat.completion.chunk", header,
+        return await self._stream(request, generations, chunks, "chat.completion.chunk", header,
                                   parsed.include_usage)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -148,25 +153,28 @@ class OpenAIHttpApi:
                                        routing)
         header = self._header("cmpl-", request[REQUEST_ID])
         wants_logprobs = parsed.sampling.logprobs is not None
+        generations = _choices(generation, parsed.n)
         if not parsed.stream:
-            text, last, logprobs = await self._collect(generation)
-            return self._json(request, responses.completion(
+            results = await self._collect_all(generations)
+            return self._json(request, _merge_choices([responses.completion(
                 header, text, last.finish_reason, _usage(last),
-                responses.completion_logprobs(logprobs, self._token_text, 0) if wants_logprobs else None))
-        pending = _PendingLogprobs()
+                responses.completion_logprobs(logprobs, self._token_text, 0) if wants_logprobs else None)
+                for text, last, logprobs in results], _total_usage([last for _, last, _ in results])))
+        pending = [_PendingLogprobs() for _ in generations]
 
-        def chunks(output: RequestOutput, first: bool) -> list[dict[str, Any]]:
-            pending.add(output)
+        def chunks(output: RequestOutput, first: bool, index: int) -> list[dict[str, Any]]:
+            waiting = pending[index]
+            waiting.add(output)
             if not output.text and not output.finished:
                 return []
             logprobs = None
             if wants_logprobs:
-                logprobs = responses.completion_logprobs(pending.take(), self._token_text, pending.text_offset)
-                pending.text_offset += len(output.text)
+                logprobs = responses.completion_logprobs(waiting.take(), self._token_text, waiting.text_offset)
+                waiting.text_offset += len(output.text)
             return [responses.completion_chunk(header, output.text, output.finish_reason, parsed.include_usage,
                                                logprobs)]
 
-        return await self._stream(request, generation, chunks, "text_completion", header, parsed.include_usage)
+        return await self._stream(request, generations, chunks, "text_completion", header, parsed.include_usage)
 
     async def _collect(self, generation: GenerationRequest) -> tuple[str, RequestOutput, list[TokenLogprob]]:
         texts: list[str] = []
@@ -181,37 +189,80 @@ class OpenAIHttpApi:
             raise TandemError("the worker stream ended without a result")
         return "".join(texts), last, logprobs
 
+    async def _collect_all(self, generations: list[GenerationRequest]
+                           ) -> list[tuple[str, RequestOutput, list[TokenLogprob]]]:
+        if len(generations) == 1:
+            return [await self._collect(generations[0])]
+        return list(await asyncio.gather(*(self._collect(g) for g in generations)))
+
+    async def _outputs(self, generations: list[GenerationRequest]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+        """Every choice's outputs as (choice index, output), in the order they come."""
+        if len(generations) == 1:
+            async with aclosing(self.pipeline.generate(generations[0])) as outputs:
+                async for output in outputs:
+                    yield 0, output
+            return
+        arrived: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, generation: GenerationRequest) -> None:
+            try:
+                async with aclosing(self.pipeline.generate(generation)) as choice_outputs:
+                    async for choice_output in choice_outputs:
+                        arrived.put_nowait((index, choice_output, None))
+            except Exception as exc:  # noqa: BLE001  handed to the reader, which raises it
+                arrived.put_nowait((index, None, exc))
+
+        pumps = [asyncio.create_task(pump(i, g), name=f"choice-{i}") for i, g in enumerate(generations)]
+        try:
+            num_open = len(generations)
+            while num_open:
+                index, arrival, error = await arrived.get()
+                if error is not None:
+                    raise error
+                assert arrival is not None
+                yield index, arrival
+                num_open -= arrival.finished
+        finally:  # the client left, or a choice failed: the others stop and free their blocks
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
     def _token_text(self, token_id: int) -> str:
         return str(self.pipeline.tokenizer.decode([token_id]))
 
     async def _stream(
-        self, request: web.Request, generation: GenerationRequest,
-        chunks: Callable[[RequestOutput, bool], list[dict[str, Any]]],
+        self, request: web.Request, generations: list[GenerationRequest],
+        chunks: Callable[[RequestOutput, bool, int], list[dict[str, Any]]],
         object_name: str, header: responses.ResponseHeader, include_usage: bool,
     ) -> web.StreamResponse:
-        async with aclosing(self.pipeline.generate(generation)) as outputs:
+        async with aclosing(self._outputs(generations)) as outputs:
             # Wait for the first output before sending headers, so that "no worker" or "queue
             # full" still reach the client as a proper 503 instead of an event in a 200 stream.
             try:
-                output = await anext(outputs)
+                index, output = await anext(outputs)
             except StopAsyncIteration:
                 raise TandemError("the worker stream ended without a result") from None
             response = web.StreamResponse(headers={
                 "Content-Type": sse.CONTENT_TYPE, "Cache-Control": "no-cache",
                 REQUEST_ID_HEADER: request[REQUEST_ID],
             })
-            first = True
+            started: set[int] = set()
+            finals: list[RequestOutput] = []
             try:
                 await response.prepare(request)
                 while True:
-                    for chunk in chunks(output, first):
+                    for chunk in chunks(output, index not in started, index):
+                        chunk["choices"][0]["index"] = index
                         await response.write(sse.encode_event(chunk))
-                    first = False
+                    started.add(index)
                     if output.finished:
-                        break
-                    output = await anext(outputs)
+                        finals.append(output)
+                        if len(finals) == len(generations):
+                            break
+                    index, output = await anext(outputs)
                 if include_usage:
-                    await response.write(sse.encode_event(responses.usage_chunk(header, object_name, _usage(output))))
+                    await response.write(sse.encode_event(responses.usage_chunk(header, object_name,
+                                                                                _total_usage(finals))))
             except TandemError as exc:
                 # Headers are gone: report the failure in-band, as OpenAI-compatible servers do.
                 log.warning("stream failed", error=exc.message, code=exc.code)
@@ -279,6 +330,37 @@ def _dumps(value: Any) -> str:
 
 def _usage(output: RequestOutput) -> responses.Usage:
     return responses.Usage(output.num_prompt_tokens, output.num_output_tokens, output.num_cached_tokens)
+
+
+def _total_usage(finals: list[RequestOutput]) -> responses.Usage:
+    """One prompt (as OpenAI counts it for n choices), every choice's completion tokens."""
+    return responses.Usage(finals[0].num_prompt_tokens, sum(o.num_output_tokens for o in finals),
+                           finals[0].num_cached_tokens)
+
+
+def _choices(generation: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """One generation per choice. A seeded request's choice i draws with seed + i, so the choices
+    differ and the same request gives the same choices again."""
+    if n == 1:
+        return [generation]
+    out = []
+    for i in range(n):
+        sampling = generation.sampling
+        if sampling.seed is not None:
+            sampling = dataclasses.replace(sampling, seed=(sampling.seed + i) % 2**63)
+        out.append(dataclasses.replace(generation, request_id=f"{generation.request_id}-{i}", sampling=sampling))
+    return out
+
+
+def _merge_choices(bodies: list[dict[str, Any]], usage: responses.Usage) -> dict[str, Any]:
+    """One response body from single-choice bodies, choice i at index i, with the total usage."""
+    body = bodies[0]
+    for index, other in enumerate(bodies[1:], start=1):
+        choice = other["choices"][0]
+        choice["index"] = index
+        body["choices"].append(choice)
+    body["usage"] = usage.to_dict()
+    return body
 
 
 async def _read_json(request: web.Request) -> Any:

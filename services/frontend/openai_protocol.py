@@ -12,6 +12,7 @@ from tandem.engine.types import MAX_LOGPROBS, SamplingParams
 from tandem.errors import InvalidRequest
 
 MAX_TEMPERATURE = 2.0  # OpenAI's upper bound
+MAX_CHOICES = 16  # n: choices per request
 
 
 @dataclass(slots=True)
@@ -22,6 +23,7 @@ class ChatCompletionRequest:
     stream: bool
     include_usage: bool
     user: str | None
+    n: int = 1
 
 
 @dataclass(slots=True)
@@ -32,6 +34,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     user: str | None
+    n: int = 1
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
@@ -46,6 +49,7 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
         stream=stream,
         include_usage=include_usage,
         user=_optional(body, "user", str),
+        n=_parse_n(body),
     )
 
 
@@ -59,15 +63,15 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         stream=stream,
         include_usage=include_usage,
         user=_optional(body, "user", str),
+        n=_parse_n(body),
     )
 
 
 def parse_sampling(body: dict[str, Any], *, chat: bool) -> SamplingParams:
     """The sampling fields of both endpoints. OpenAI defaults: temperature 1, no max_tokens."""
-    for name in ("n", "best_of"):
-        value = _optional(body, name, int)
-        if value is not None and value != 1:
-            raise InvalidRequest(f"{name} must be 1: only one choice per request is supported, got {value}", name)
+    best_of = _optional(body, "best_of", int)
+    if best_of is not None and best_of != 1:
+        raise InvalidRequest(f"best_of must be 1 (use n for several choices), got {best_of}", "best_of")
     # max_completion_tokens is the newer name; it wins when both are sent.
     max_tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _optional(body, max_tokens_field, int)
@@ -129,6 +133,13 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "min_p": ((0, 0.0), "min_p is not supported"),
     "use_beam_search": ((False,), "beam search is not supported"),
 }
+
+
+def _parse_n(body: dict[str, Any]) -> int:
+    n = _optional(body, "n", int)
+    if n is not None and not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequest(f"n must be in [1, {MAX_CHOICES}], got {n}", "n")
+    return n or 1
 
 
 def _parse_logprobs(body: dict[str, Any], chat: bool) -> int | None:

@@ -178,6 +178,47 @@ def test_max_completion_tokens_and_seeded_sampling(client: Any, mesh: Mesh) -> N
     assert first.choices[0].message.content == second.choices[0].message.content
 
 
+def test_n_choices_streamed_and_not_with_seeds_and_usage(client: Any, mesh: Mesh) -> None:
+    kwargs = dict(model=mesh.frontend.model_name, messages=CHAT, max_tokens=6, temperature=1.0, seed=7,
+                  extra_body={"ignore_eos": True})
+    unary = client.chat.completions.create(n=3, **kwargs)
+    assert [c.index for c in unary.choices] == [0, 1, 2]
+    texts = [c.message.content for c in unary.choices]
+    assert len(set(texts)) > 1  # each choice draws with its own seed
+    assert unary.usage.completion_tokens == 18 and unary.usage.total_tokens == unary.usage.prompt_tokens + 18
+    single = client.chat.completions.create(**kwargs)
+    assert single.choices[0].message.content == texts[0]  # choice 0 is the request with n=1
+    chunks = list(client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True},
+                                                 **kwargs))
+    streamed = ["", "", ""]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == texts
+    finishes = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finishes == [0, 1, 2] and chunks[-1].usage.completion_tokens == 18
+    completion = client.completions.create(model=mesh.frontend.model_name, prompt="The capital of France is",
+                                           max_tokens=4, temperature=0, n=2)
+    assert [c.index for c in completion.choices] == [0, 1]
+    assert completion.choices[0].text == completion.choices[1].text  # greedy: the same twice
+    _wait_worker_idle(mesh)
+
+
+def test_a_client_leaving_an_n_stream_frees_every_choice(mesh: Mesh) -> None:
+    _wait_worker_idle(mesh)
+    num_aborts = _num_worker_aborts(mesh)
+    body = {"messages": CHAT, "max_tokens": 200, "ignore_eos": True, "stream": True, "n": 2}
+    with httpx.stream("POST", f"{mesh.base_url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        num_events = 0
+        for line in response.iter_lines():
+            num_events += line.startswith("data:")
+            if num_events == 6:
+                break
+    _wait_worker_idle(mesh)
+    assert _num_worker_aborts(mesh) == num_aborts + 2
+
+
 # -- raw HTTP: SSE framing, request ids, errors --------------------------------------------------
 
 def test_sse_stream_ends_with_done_and_echoes_request_id(mesh: Mesh) -> None:
@@ -214,7 +255,7 @@ def _error(response: httpx.Response) -> dict[str, Any]:
     ("/v1/chat/completions", {"messages": CHAT, "temperature": -1}, "temperature"),
     ("/v1/chat/completions", {"messages": CHAT, "temperature": 2.5}, "temperature"),
     ("/v1/chat/completions", {"messages": CHAT, "top_p": 0}, "top_p"),
-    ("/v1/chat/completions", {"messages": CHAT, "n": 2}, "n"),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 99}, "n"),
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": "ten"}, "max_tokens"),
     ("/v1/chat/completions", {"messages": CHAT, "stop": 3, "stream": True}, "stop"),
     ("/v1/completions", {"prompt": ""}, "prompt"),

@@ -45,7 +45,8 @@ CHAT_CASES = [
     (chat(top_p=0), "top_p"),
     (chat(top_p=1.5), "top_p"),
     (chat(top_k=-2), "top_k"),
-    (chat(n=2), "n"),
+    (chat(n=0), "n"),
+    (chat(n=17), "n"),
     (chat(n="1"), "n"),
     (chat(best_of=3), "best_of"),
     (chat(seed=-1), "seed"),
@@ -82,7 +83,7 @@ COMPLETION_CASES = [
     (completion(max_tokens=0), "max_tokens"),
     (completion(logprobs=True), "logprobs"),
     (completion(logprobs=-1), "logprobs"),
-    (completion(n=4), "n"),
+    (completion(n=-1), "n"),
     (completion(temperature=3), "temperature"),
 ]
 
@@ -197,3 +198,8 @@ def test_logprobs_in_chat_and_completions_spelling() -> None:
     assert parse_completion_request(completion(logprobs=2)).sampling.logprobs == 2
     assert parse_completion_request(completion(logprobs=0)).sampling.logprobs == 0
     assert parse_completion_request(completion()).sampling.logprobs is None
+
+
+def test_n_choices() -> None:
+    assert parse_chat_request(chat(n=3)).n == 3
+    assert parse_completion_request(completion()).n == 1
