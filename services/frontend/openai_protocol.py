@@ -132,6 +132,22 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "functions": (([],), "function calling is not supported"),
     "min_p": ((0, 0.0), "min_p is not supported"),
     "use_beam_search": ((False,), "beam search is not supported"),
+    # vLLM's extra parameters, which its clients send in extra_body
+    "length_penalty": ((1, 1.0), "length_penalty only shapes beam search, which is not supported"),
+    "prompt_logprobs": ((), "prompt_logprobs are not returned by this server"),
+    "guided_json": ((), "guided decoding (guided_json) is not supported"),
+    "guided_regex": ((), "guided decoding (guided_regex) is not supported"),
+    "guided_choice": ((), "guided decoding (guided_choice) is not supported"),
+    "guided_grammar": ((), "guided decoding (guided_grammar) is not supported"),
+    "structured_outputs": ((), "structured outputs are not supported"),
+    "allowed_token_ids": ((), "allowed_token_ids is not supported"),
+    "bad_words": (([],), "bad_words is not supported"),
+    "truncate_prompt_tokens": ((), "truncate_prompt_tokens is not supported; shorten the prompt"),
+    "include_stop_str_in_output": ((False,), "include_stop_str_in_output is not supported"),
+    "skip_special_tokens": ((True,), "special tokens are always skipped in the text"),
+    "continue_final_message": ((False,), "continue_final_message is not supported"),
+    "add_generation_prompt": ((True,), "the chat template always adds the generation prompt"),
+    "chat_template": ((), "a request's own chat_template is not supported; the model's is used"),
 }
 
 

@@ -144,7 +144,8 @@ def test_fields_clients_send_at_their_defaults_are_accepted() -> None:
     request = parse_chat_request(chat(
         logprobs=False, top_logprobs=0, logit_bias={}, response_format={"type": "text"}, tools=[],
         tool_choice="none", parallel_tool_calls=False, service_tier="auto", store=False, metadata={},
-        temperature=0.0, frequency_penalty=0, presence_penalty=0.0,
+        temperature=0.0, frequency_penalty=0, presence_penalty=0.0, skip_special_tokens=True,
+        include_stop_str_in_output=False, add_generation_prompt=True, guided_json=None, length_penalty=1,
     ))
     assert request.sampling.temperature == 0.0 and not request.sampling.penalised
     assert not parse_completion_request(completion(logprobs=None, echo=False, suffix="")).sampling.penalised
@@ -165,6 +166,12 @@ def test_penalties_and_min_tokens_are_applied_not_dropped() -> None:
     (chat(tool_choice="auto"), "tool_choice"),
     (chat(response_format={"type": "json_object"}), "response_format"),
     (chat(min_p=0.1), "min_p"),
+    (chat(guided_json={"type": "object"}), "guided_json"),
+    (chat(guided_choice=["a", "b"]), "guided_choice"),
+    (completion(prompt_logprobs=1), "prompt_logprobs"),
+    (completion(include_stop_str_in_output=True), "include_stop_str_in_output"),
+    (chat(skip_special_tokens=False), "skip_special_tokens"),
+    (chat(allowed_token_ids=[1, 2]), "allowed_token_ids"),
 ])
 def test_features_not_implemented_are_refused_by_name(body: dict, field: str) -> None:
     parse = parse_chat_request if "messages" in body else parse_completion_request
