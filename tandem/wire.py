@@ -4,8 +4,42 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tandem.engine.types import TokenLogprob
+from tandem.engine.types import SamplingParams, TokenLogprob
 from tandem.proto.common.v1 import common_pb2
+
+_OPTIONAL_SAMPLING = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+                      "repetition_penalty", "logprobs")
+
+
+def sampling_to_proto(sampling: SamplingParams) -> common_pb2.SamplingParams:
+    """Unset optional fields are how "until the context is full", "no seed", "no penalty" and "no
+    logprobs" travel."""
+    message = common_pb2.SamplingParams(
+        temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, stop=sampling.stop,
+        stop_token_ids=sampling.stop_token_ids, ignore_eos=sampling.ignore_eos, min_tokens=sampling.min_tokens)
+    if sampling.max_tokens is not None:
+        message.max_tokens = sampling.max_tokens
+    for name, off in (("seed", None), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                      ("repetition_penalty", 1.0), ("logprobs", None)):
+        if getattr(sampling, name) != off:
+            setattr(message, name, getattr(sampling, name))
+    return message
+
+
+def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
+    """Unset optional fields take the defaults (OpenAI's: temperature 1.0), except max_tokens: unset
+    means no limit. Validates; raises InvalidRequest naming the field."""
+    kwargs: dict[str, object] = {
+        "max_tokens": message.max_tokens if message.HasField("max_tokens") else None,
+        "stop": list(message.stop),
+        "stop_token_ids": list(message.stop_token_ids),
+        "ignore_eos": message.ignore_eos,
+        "min_tokens": message.min_tokens,
+    }
+    for name in _OPTIONAL_SAMPLING:
+        if message.HasField(name):
+            kwargs[name] = getattr(message, name)
+    return SamplingParams(**kwargs)  # type: ignore[arg-type]
 
 
 def logprob_to_proto(logprob: TokenLogprob) -> common_pb2.TokenLogprob:

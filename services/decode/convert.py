@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from tandem.engine.types import EngineRequest, EngineStats, FinishReason, RequestOutput, SamplingParams
+from tandem.engine.types import EngineRequest, EngineStats, FinishReason, RequestOutput
 from tandem.errors import TandemError
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.worker.v1 import worker_pb2
-from tandem.wire import logprob_to_proto
+from tandem.wire import logprob_to_proto, sampling_from_proto
 
 _FINISH_REASONS = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -29,24 +29,6 @@ def wire_field(field: str | None) -> str:
     if not field:
         return ""
     return _FIELDS.get(field, field if field.startswith("sampling.") else f"sampling.{field}")
-
-
-def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
-    """Unset optional fields keep the engine's defaults, except max_tokens: unset means no limit."""
-    kwargs: dict[str, object] = {
-        "max_tokens": message.max_tokens if message.HasField("max_tokens") else None,
-        "stop": list(message.stop),
-        "stop_token_ids": list(message.stop_token_ids),
-        "ignore_eos": message.ignore_eos,
-    }
-    for name in ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty"):
-        if message.HasField(name):
-            kwargs[name] = getattr(message, name)
-    kwargs["min_tokens"] = message.min_tokens
-    if message.HasField("logprobs"):
-        kwargs["logprobs"] = message.logprobs
-    return SamplingParams(**kwargs)  # type: ignore[arg-type]  # validates; raises InvalidRequest
 
 
 def request_from_proto(message: worker_pb2.GenerateRequest, request_id: str) -> EngineRequest:

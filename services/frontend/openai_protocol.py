@@ -87,28 +87,12 @@ def parse_sampling(body: dict[str, Any], *, chat: bool) -> SamplingParams:
     if top_k is not None and top_k < -1:
         raise InvalidRequest(f"top_k must be -1 or 0 (disabled) or positive, got {top_k}", "top_k")
     _reject_unsupported(body)
-    penalties: dict[str, float] = {}
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = _optional_number(body, name)
-        if value is not None and not -2.0 <= value <= 2.0:
-            raise InvalidRequest(f"{name} must be in [-2, 2], got {value:g}", name)
-        if value is not None:
-            penalties[name] = value
-    repetition_penalty = _optional_number(body, "repetition_penalty")  # vLLM's extension, as min_tokens
-    if repetition_penalty is not None:
-        if not 0.0 < repetition_penalty <= 10.0:
-            raise InvalidRequest(f"repetition_penalty must be in (0, 10] (1 is off), got {repetition_penalty:g}",
-                                 "repetition_penalty")
-        penalties["repetition_penalty"] = repetition_penalty
-    min_tokens = _optional(body, "min_tokens", int)
-    if min_tokens is not None and min_tokens < 0:
-        raise InvalidRequest(f"min_tokens must be >= 0, got {min_tokens}", "min_tokens")
-    if min_tokens and max_tokens is not None and min_tokens > max_tokens:
-        raise InvalidRequest(f"min_tokens ({min_tokens}) must not exceed {max_tokens_field} ({max_tokens})",
-                             "min_tokens")
+    # OpenAI's penalties, and vLLM's repetition_penalty and min_tokens; SamplingParams checks their ranges.
+    penalties = {name: value for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+                 if (value := _optional_number(body, name)) is not None}
     return SamplingParams(
         **penalties,  # type: ignore[arg-type]
-        min_tokens=min_tokens or 0,
+        min_tokens=_optional(body, "min_tokens", int) or 0,
         logprobs=_parse_logprobs(body, chat),
         max_tokens=max_tokens,
         temperature=1.0 if temperature is None else temperature,
@@ -181,7 +165,7 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
     for name, (neutral, reason) in _NOT_IMPLEMENTED.items():
         value = body.get(name)
         if value is not None and not any(value == n and type(value) is type(n) for n in neutral):
-            raise InvalidRequest(f"{name}={json_repr(value)}: {reason}; omit it or send null", name)
+            raise InvalidRequest(f"{name}={_json_repr(value)}: {reason}; omit it or send null", name)
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise InvalidRequest("response_format: only {\"type\": \"text\"} is supported (no JSON mode or schema)",
@@ -191,7 +175,7 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
         raise InvalidRequest("tool_choice: tool calling is not supported; omit it or send \"none\"", "tool_choice")
 
 
-def json_repr(value: Any) -> str:
+def _json_repr(value: Any) -> str:
     """A short JSON rendering of a client's value, for an error message."""
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 import grpc
 import structlog
 
-from services.decode.convert import sampling_from_proto
 from tandem.engine.types import EngineRequest, FinishReason, KVLayout
 from tandem.errors import InvalidRequest, ResourceExhausted, TandemError
 from tandem.grpc_server import bind_request_id, request_id_from_context
@@ -22,7 +21,7 @@ from tandem.kv.transfer.shared_pool import SharedPoolInfo
 from tandem.kv.transfer.wire import layout_to_proto, shared_pool_to_proto
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.kv.v1 import kv_pb2
-from tandem.wire import logprob_to_proto
+from tandem.wire import logprob_to_proto, sampling_from_proto
 
 log = structlog.get_logger("prefill")
 

@@ -29,13 +29,14 @@ def mix_seed(seed: int, position: int) -> int:
 
 
 def penalised_logits(logits: torch.Tensor, params: SamplingParams, history: History,
-                     stop_token_ids: Collection[int]) -> torch.Tensor:
+                     eos_token_ids: Collection[int]) -> torch.Tensor:
     """One row of logits after the request's penalties and min_tokens (a new tensor).
 
     Repetition penalty scales every token of the prompt and the output, as transformers' and vLLM's
     do; presence and frequency penalties (OpenAI's) count the output, including what the request
-    generated before it moved here; ``stop_token_ids`` cannot be drawn before ``min_tokens`` tokens
-    were generated here (a moved request's min_tokens is what was left of it, like max_tokens).
+    generated before it moved here; the request's stop token ids (and ``eos_token_ids``, unless it
+    ignores EOS) cannot be drawn before ``min_tokens`` tokens were generated here (a moved request's
+    min_tokens is what was left of it, like max_tokens).
     """
     token_ids, output_start, prompt_end = history
     logits = logits.clone()
@@ -49,7 +50,8 @@ def penalised_logits(logits: torch.Tensor, params: SamplingParams, history: Hist
         counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     if len(token_ids) - prompt_end < params.min_tokens:
-        banned = [t for t in stop_token_ids if t < vocab]
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        banned = [t for t in stop_ids if t < vocab]
         if banned:
             logits[banned] = float("-inf")
     return logits
@@ -95,8 +97,7 @@ class Sampler:
             if p.penalised:
                 if histories is None:
                     raise ValueError("a request with penalties or min_tokens needs its token history")
-                stop_ids = set(p.stop_token_ids) if p.ignore_eos else self._eos_token_ids | set(p.stop_token_ids)
-                row_logits = penalised_logits(row_logits, p, histories[row], stop_ids)
+                row_logits = penalised_logits(row_logits, p, histories[row], self._eos_token_ids)
                 if p.greedy:
                     tokens[row] = int(torch.argmax(row_logits))
             if p.greedy:
