@@ -1,4 +1,4 @@
-"""The frontend's RouteClient against scripted routers: requests share one RouteStream, refusals come
+"""The frontend's RouteClient against scripted routers: requests share RouteStreams, refusals come
 back as the errors a unary Route gives, and a missing or broken stream falls back to unary calls."""
 
 from __future__ import annotations
@@ -89,12 +89,23 @@ def _request(request_id: str, model: str = "m", token_ids: tuple[int, ...] = (1,
     return router_pb2.RouteRequest(request_id=request_id, model=model, token_ids=token_ids)
 
 
-async def test_concurrent_requests_share_one_stream_and_each_gets_its_own_answer(
+async def test_requests_one_after_another_share_one_stream(started: tuple[ScriptedRouter, RouteClient]) -> None:
+    router, client = started
+    for i in range(5):
+        assert (await client.route(_request(f"r{i}"), (), 5)).worker_id == f"w-r{i}"
+    assert (router.num_streams, router.num_streamed, router.num_unary) == (1, 5, 0)
+
+
+async def test_a_burst_is_written_over_several_streams_and_each_gets_its_own_answer(
         started: tuple[ScriptedRouter, RouteClient]) -> None:
+    # One stream takes one write at a time; a burst spreads over up to MAX_STREAMS of them.
     router, client = started
     answers = await asyncio.gather(*(client.route(_request(f"r{i}"), (), 5) for i in range(20)))
     assert [a.worker_id for a in answers] == [f"w-r{i}" for i in range(20)]
-    assert (router.num_streams, router.num_streamed, router.num_unary) == (1, 20, 0)
+    assert (router.num_streams, router.num_streamed, router.num_unary) == (route_client.MAX_STREAMS, 20, 0)
+    assert client.num_streams == route_client.MAX_STREAMS
+    await asyncio.gather(*(client.route(_request(f"s{i}"), (), 5) for i in range(8)))
+    assert router.num_streams == route_client.MAX_STREAMS  # open streams are reused, none added
 
 
 async def test_refusals_in_the_stream_are_the_errors_a_unary_route_gives(
@@ -122,14 +133,17 @@ async def test_a_stream_the_router_ends_costs_no_request(started: tuple[Scripted
     router, client = started
     router.end_stream_after = 1
     router.hold.clear()
-    waiting = [asyncio.create_task(client.route(_request(f"r{i}"), (), 5)) for i in range(4)]
+    waiting = [asyncio.create_task(client.route(_request(f"r{i}"), (), 5)) for i in range(12)]
     await asyncio.sleep(0.1)
     router.hold.set()
     answers = await asyncio.gather(*waiting)
-    assert [a.worker_id for a in answers] == [f"w-r{i}" for i in range(4)]
-    assert router.num_streamed == 1 and router.num_unary == 3
+    assert [a.worker_id for a in answers] == [f"w-r{i}" for i in range(12)]
+    streams = router.num_streams  # each answered one request before it ended; the rest went unary
+    assert 1 <= streams <= route_client.MAX_STREAMS
+    assert (router.num_streamed, router.num_unary) == (streams, 12 - streams)
+    assert client.num_streams == 0
     assert (await client.route(_request("later"), (), 5)).worker_id == "w-later"
-    assert router.num_streams == 2
+    assert router.num_streams == streams + 1
 
 
 async def test_an_unanswered_route_times_out_as_unavailable(started: tuple[ScriptedRouter, RouteClient]) -> None:
