@@ -38,6 +38,24 @@ async def burst(client, stub, way: str, messages: list, timeout_s: float) -> lis
     return list(await asyncio.gather(*(one(m) for m in messages)))
 
 
+def start_mesh(model_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """`tandem up` with one decode worker, once it serves; the process and its router's port."""
+    from tandem import procs
+
+    port, router_port = procs.free_port(), procs.free_port()
+    mesh = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", "--port", str(port),
+                             "--grpc-port", str(procs.free_port()), "--router-port", str(router_port),
+                             "--worker-base-port", str(procs.free_port()), "--num-threads", "1",
+                             "--model", str(model_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not procs.http_ok(f"http://127.0.0.1:{port}/health"):
+        if mesh.poll() is not None or time.monotonic() > deadline:
+            mesh.kill()
+            raise SystemExit("the mesh did not start")
+        time.sleep(0.5)
+    return mesh, router_port
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--burst", type=int, nargs="+", default=[1, 4, 8], help="requests sent together")
@@ -51,7 +69,6 @@ async def main() -> None:
 
     from services.frontend import route_client
     from services.frontend.pipeline import KV_BLOCK_SIZE
-    from tandem import procs
     from tandem.grpc_server import CHANNEL_OPTIONS
     from tandem.kv.hashing import hash_blocks
     from tandem.models import resolve_model, served_model_name
@@ -59,17 +76,8 @@ async def main() -> None:
 
     model_path = args.model or resolve_model(None)
     model = served_model_name(model_path)
-    port, router_port = procs.free_port(), procs.free_port()
-    mesh = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", "--port", str(port),
-                             "--grpc-port", str(procs.free_port()), "--router-port", str(router_port),
-                             "--worker-base-port", str(procs.free_port()), "--num-threads", "1",
-                             "--model", str(model_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mesh, router_port = start_mesh(model_path)
     try:
-        deadline = time.monotonic() + 600
-        while not procs.http_ok(f"http://127.0.0.1:{port}/health"):
-            if mesh.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the mesh did not start")
-            await asyncio.sleep(0.5)
         tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{router_port}", options=CHANNEL_OPTIONS)
         stub = router_pb2_grpc.RouterServiceStub(channel)
