@@ -8,7 +8,7 @@ from tandem.engine.types import SamplingParams, TokenLogprob
 from tandem.proto.common.v1 import common_pb2
 
 _OPTIONAL_SAMPLING = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
-                      "repetition_penalty", "logprobs")
+                      "repetition_penalty", "logprobs", "prompt_logprobs")
 
 
 def sampling_to_proto(sampling: SamplingParams) -> common_pb2.SamplingParams:
@@ -20,7 +20,7 @@ def sampling_to_proto(sampling: SamplingParams) -> common_pb2.SamplingParams:
     if sampling.max_tokens is not None:
         message.max_tokens = sampling.max_tokens
     for name, off in (("seed", None), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
-                      ("repetition_penalty", 1.0), ("logprobs", None)):
+                      ("repetition_penalty", 1.0), ("logprobs", None), ("prompt_logprobs", None)):
         if getattr(sampling, name) != off:
             setattr(message, name, getattr(sampling, name))
     return message

@@ -42,6 +42,8 @@ def response_from_output(output: RequestOutput) -> worker_pb2.GenerateResponse:
         delta=common_pb2.TokenDelta(token_ids=output.token_ids, text=output.text,
                                     logprobs=[logprob_to_proto(lp) for lp in output.logprobs or ()]),
     )
+    if output.prompt_logprobs:
+        response.prompt_logprobs.extend(logprob_to_proto(lp) for lp in output.prompt_logprobs)
     if output.finish_reason is not None:
         response.finish_reason = _FINISH_REASONS[output.finish_reason]
         response.usage.CopyFrom(common_pb2.Usage(

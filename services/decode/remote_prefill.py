@@ -131,6 +131,10 @@ class RemotePrefill:
         Raises like ``Engine.generate`` before the first output.
         """
         hint = wire.prefill
+        if request.sampling.prompt_logprobs is not None:  # scored here: the prompt's logits stay here
+            async for output in self._local(request, "prompt_logprobs"):
+                yield output
+            return
         reservation = await self._engine.reserve_kv(request)  # validates like generate()
         if reservation is None:
             async for output in self._local(request, "pool_full"):

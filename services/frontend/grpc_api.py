@@ -74,6 +74,7 @@ class GenerationApi(api_pb2_grpc.GenerationServiceServicer):
                             delta=common_pb2.TokenDelta(token_ids=output.token_ids, text=output.text,
                                                         logprobs=[logprob_to_proto(lp) for lp in output.logprobs or ()]),
                             finish_reason=finish_reason_to_proto(output.finish_reason),
+                            prompt_logprobs=[logprob_to_proto(lp) for lp in output.prompt_logprobs or ()],
                         )
                         if output.finished:
                             response.usage.CopyFrom(common_pb2.Usage(

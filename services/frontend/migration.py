@@ -83,7 +83,8 @@ class StreamProgress:
         max_tokens = self.sampling.max_tokens
         return dataclasses.replace(
             self.sampling, max_tokens=None if max_tokens is None else max_tokens - self.num_output_tokens,
-            min_tokens=max(0, self.sampling.min_tokens - self.num_output_tokens))
+            min_tokens=max(0, self.sampling.min_tokens - self.num_output_tokens),
+            prompt_logprobs=None)  # they came with the first token
 
     def finished_without_worker(self) -> FinishReason | None:
         """LENGTH when the failure came after the last token but before the worker said so."""
@@ -123,7 +124,7 @@ class StreamProgress:
             request_id=output.request_id, token_ids=list(output.token_ids), text=text,
             finish_reason=finish_reason, num_prompt_tokens=len(self.prompt_token_ids),
             num_output_tokens=self.num_output_tokens, num_cached_tokens=self.num_cached_tokens,
-            error=output.error, logprobs=output.logprobs,
+            error=output.error, logprobs=output.logprobs, prompt_logprobs=output.prompt_logprobs,
         )
 
     def final_output(self, request_id: str, finish_reason: FinishReason) -> RequestOutput:

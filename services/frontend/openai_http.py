@@ -113,9 +113,9 @@ class OpenAIHttpApi:
         if not parsed.stream:
             results = await self._collect_all(generations)
             return self._json(request, _merge_choices([responses.chat_completion(
-                header, text, last.finish_reason, _usage(last),
-                responses.chat_logprobs(logprobs, self._token_text) if wants_logprobs else None)
-                for text, last, logprobs in results], _total_usage([last for _, last, _ in results])))
+                header, r.text, r.last.finish_reason, _usage(r.last),
+                responses.chat_logprobs(r.logprobs, self._token_text) if wants_logprobs else None)
+                for r in results], _total_usage([r.last for r in results])))
         pending = [_PendingLogprobs() for _ in generations]
 
         def chunks(output: RequestOutput, first: bool, index: int) -> list[dict[str, Any]]:
@@ -144,6 +144,8 @@ class OpenAIHttpApi:
             self.pipeline.check_model(parsed.model)
             prompt = parsed.prompt
             prompt_ids = self.pipeline.tokenize(prompt) if isinstance(prompt, str) else prompt
+            # echo: the prompt as sent, or the text of its token ids
+            echoed = (prompt if isinstance(prompt, str) else self.pipeline.tokenizer.decode(prompt)) if parsed.echo else ""
             self.pipeline.validate_prompt(prompt_ids, parsed.sampling, "prompt")
             routing = parse_routing_overrides(body)
         except TandemError as exc:
@@ -156,41 +158,56 @@ class OpenAIHttpApi:
         generations = _choices(generation, parsed.n)
         if not parsed.stream:
             results = await self._collect_all(generations)
-            return self._json(request, _merge_choices([responses.completion(
-                header, text, last.finish_reason, _usage(last),
-                responses.completion_logprobs(logprobs, self._token_text, 0) if wants_logprobs else None)
-                for text, last, logprobs in results], _total_usage([last for _, last, _ in results])))
+            choices = []
+            for r in results:
+                logprobs = None
+                if wants_logprobs:
+                    offset = len(echoed) if parsed.echo else 0
+                    logprobs = responses.completion_logprobs(r.logprobs, self._token_text, offset)
+                    if parsed.echo:
+                        logprobs = responses.prepend_prompt_logprobs(
+                            prompt_ids, r.prompt_logprobs, self._token_text, logprobs)
+                choices.append(responses.completion(header, echoed + r.text, r.last.finish_reason, _usage(r.last),
+                                                    logprobs))
+            return self._json(request, _merge_choices(choices, _total_usage([r.last for r in results])))
         pending = [_PendingLogprobs() for _ in generations]
 
         def chunks(output: RequestOutput, first: bool, index: int) -> list[dict[str, Any]]:
             waiting = pending[index]
             waiting.add(output)
-            if not output.text and not output.finished:
+            echo = parsed.echo and first  # the prompt goes first, in the choice's first chunk
+            if not output.text and not output.finished and not echo:
                 return []
             logprobs = None
             if wants_logprobs:
+                if echo:
+                    waiting.text_offset = len(echoed)
                 logprobs = responses.completion_logprobs(waiting.take(), self._token_text, waiting.text_offset)
                 waiting.text_offset += len(output.text)
-            return [responses.completion_chunk(header, output.text, output.finish_reason, parsed.include_usage,
-                                               logprobs)]
+                if echo:
+                    logprobs = responses.prepend_prompt_logprobs(
+                        prompt_ids, output.prompt_logprobs or [], self._token_text, logprobs)
+            text = echoed + output.text if echo else output.text
+            return [responses.completion_chunk(header, text, output.finish_reason, parsed.include_usage, logprobs)]
 
         return await self._stream(request, generations, chunks, "text_completion", header, parsed.include_usage)
 
-    async def _collect(self, generation: GenerationRequest) -> tuple[str, RequestOutput, list[TokenLogprob]]:
+    async def _collect(self, generation: GenerationRequest) -> _Collected:
         texts: list[str] = []
         logprobs: list[TokenLogprob] = []
+        prompt_logprobs: list[TokenLogprob] = []
         last: RequestOutput | None = None
         async with aclosing(self.pipeline.generate(generation)) as outputs:
             async for output in outputs:
                 texts.append(output.text)
                 logprobs.extend(output.logprobs or ())
+                prompt_logprobs.extend(output.prompt_logprobs or ())
                 last = output
         if last is None or not last.finished:
             raise TandemError("the worker stream ended without a result")
-        return "".join(texts), last, logprobs
+        return _Collected("".join(texts), last, logprobs, prompt_logprobs)
 
-    async def _collect_all(self, generations: list[GenerationRequest]
-                           ) -> list[tuple[str, RequestOutput, list[TokenLogprob]]]:
+    async def _collect_all(self, generations: list[GenerationRequest]) -> list[_Collected]:
         if len(generations) == 1:
             return [await self._collect(generations[0])]
         return list(await asyncio.gather(*(self._collect(g) for g in generations)))
@@ -306,6 +323,16 @@ class OpenAIHttpApi:
     def _count_rejected(self, endpoint: str, stream: bool, exc: TandemError) -> None:
         self.pipeline.metrics.count_request(self.pipeline.model_name, endpoint,
                                             "stream" if stream else "unary", exc.code)
+
+
+@dataclasses.dataclass(slots=True)
+class _Collected:
+    """One choice of a request answered in one piece."""
+
+    text: str
+    last: RequestOutput
+    logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob]  # echo with logprobs: prompt tokens 1, 2, ...
 
 
 class _PendingLogprobs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class CompletionRequest:
     include_usage: bool
     user: str | None
     n: int = 1
+    echo: bool = False  # the prompt goes first in the text (and its logprobs first in logprobs)
 
 
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
@@ -56,14 +58,19 @@ def parse_chat_request(body: Any) -> ChatCompletionRequest:
 def parse_completion_request(body: Any) -> CompletionRequest:
     body = _require_object(body)
     stream, include_usage = _parse_stream(body)
+    echo = bool(_optional(body, "echo", bool))
+    sampling = parse_sampling(body, chat=False)
+    if echo and sampling.logprobs is not None:  # how likelihood is scored: each prompt token's logprob too
+        sampling = dataclasses.replace(sampling, prompt_logprobs=sampling.logprobs)
     return CompletionRequest(
         model=_optional(body, "model", str),
         prompt=_parse_prompt(body.get("prompt")),
-        sampling=parse_sampling(body, chat=False),
+        sampling=sampling,
         stream=stream,
         include_usage=include_usage,
         user=_optional(body, "user", str),
         n=_parse_n(body),
+        echo=echo,
     )
 
 
@@ -86,7 +93,7 @@ def parse_sampling(body: dict[str, Any], *, chat: bool) -> SamplingParams:
     top_k = _optional(body, "top_k", int)
     if top_k is not None and top_k < -1:
         raise InvalidRequest(f"top_k must be -1 or 0 (disabled) or positive, got {top_k}", "top_k")
-    _reject_unsupported(body)
+    _reject_unsupported(body, chat)
     # OpenAI's penalties, and vLLM's repetition_penalty and min_tokens; SamplingParams checks their ranges.
     penalties = {name: value for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
                  if (value := _optional_number(body, name)) is not None}
@@ -109,7 +116,7 @@ def parse_sampling(body: dict[str, Any], *, chat: bool) -> SamplingParams:
 # default). Any other value is refused, naming the field, so a request never silently gets less
 # than it asked for (a biased or JSON-constrained draw, a tool call, an echoed prompt).
 _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "echo": ((False,), "echo (the prompt in the completion) is not supported"),
+    "echo": ((False,), "echo is a completions field; chat completions do not echo the messages"),
     "suffix": (("",), "suffix (insertion) is not supported"),
     "logit_bias": (({},), "logit_bias is not supported"),
     "tools": (([],), "tool calling is not supported"),
@@ -118,7 +125,8 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_beam_search": ((False,), "beam search is not supported"),
     # vLLM's extra parameters, which its clients send in extra_body
     "length_penalty": ((1, 1.0), "length_penalty only shapes beam search, which is not supported"),
-    "prompt_logprobs": ((), "prompt_logprobs are not returned by this server"),
+    "prompt_logprobs": ((), "vLLM's prompt_logprobs field is not supported; send echo: true with logprobs "
+                            "to /v1/completions for the prompt's logprobs"),
     "guided_json": ((), "guided decoding (guided_json) is not supported"),
     "guided_regex": ((), "guided decoding (guided_regex) is not supported"),
     "guided_choice": ((), "guided decoding (guided_choice) is not supported"),
@@ -161,8 +169,10 @@ def _parse_logprobs(body: dict[str, Any], chat: bool) -> int | None:
     return count
 
 
-def _reject_unsupported(body: dict[str, Any]) -> None:
+def _reject_unsupported(body: dict[str, Any], chat: bool) -> None:
     for name, (neutral, reason) in _NOT_IMPLEMENTED.items():
+        if name == "echo" and not chat:
+            continue  # completions echo the prompt
         value = body.get(name)
         if value is not None and not any(value == n and type(value) is type(n) for n in neutral):
             raise InvalidRequest(f"{name}={_json_repr(value)}: {reason}; omit it or send null", name)

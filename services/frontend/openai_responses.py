@@ -65,6 +65,26 @@ def completion_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText, 
             "text_offset": offsets}
 
 
+def prepend_prompt_logprobs(prompt_ids: Sequence[int], scores: Sequence[TokenLogprob], token_text: TokenText,
+                            completion: dict[str, Any]) -> dict[str, Any]:
+    """``completion`` (a completion_logprobs object) with the echoed prompt's tokens in front: the first
+    has no logprob (null, as OpenAI sends it), each other one its score given the tokens before it."""
+    tokens = [token_text(t) for t in prompt_ids]
+    offsets, offset = [], 0
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    entries: list[TokenLogprob | None] = [None, *scores][: len(tokens)]
+    entries += [None] * (len(tokens) - len(entries))
+    return {
+        "tokens": tokens + completion["tokens"],
+        "token_logprobs": [e.logprob if e else None for e in entries] + completion["token_logprobs"],
+        "top_logprobs": [{**{token_text(t): lp for t, lp in e.top}, text: e.logprob} if e else None
+                         for e, text in zip(entries, tokens, strict=True)] + completion["top_logprobs"],
+        "text_offset": offsets + completion["text_offset"],
+    }
+
+
 def chat_completion(header: ResponseHeader, text: str, finish_reason: FinishReason | None,
                     usage: Usage, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {

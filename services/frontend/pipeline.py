@@ -313,6 +313,7 @@ class Pipeline:
                     num_output_tokens=num_output_tokens,
                     logprobs=(logprobs_from_proto(response.delta.logprobs)
                               if request.sampling.logprobs is not None else None),
+                    prompt_logprobs=logprobs_from_proto(response.prompt_logprobs) if response.prompt_logprobs else None,
                 )
                 if response.HasField("usage"):
                     output.num_prompt_tokens = response.usage.prompt_tokens or output.num_prompt_tokens

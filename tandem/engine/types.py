@@ -32,6 +32,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # transformers/vLLM: scales logits of prompt and output tokens
     min_tokens: int = 0  # EOS and stop token ids cannot end the request earlier
     logprobs: int | None = None  # each token's log-probability and this many alternatives; None: off
+    # Each prompt token's log-probability given the tokens before it, and this many alternatives
+    # (how likelihood is scored: OpenAI's echo with logprobs, vLLM's prompt_logprobs); None: off.
+    # Such a request computes its whole prompt: no prefix-cache hit has the logits.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -57,6 +61,9 @@ class SamplingParams:
                                  "repetition_penalty")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
+                                 "prompt_logprobs")
         if self.min_tokens < 0:
             raise InvalidRequest(f"min_tokens must be >= 0, got {self.min_tokens}", "min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -110,6 +117,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token id when the request asked for them
+    # On the first output of a request that asked for prompt_logprobs: one per prompt token after
+    # the first (which has nothing before it to be predicted from).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:

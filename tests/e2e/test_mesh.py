@@ -130,6 +130,13 @@ def test_logprobs_with_the_openai_client_streamed_and_not(mesh: Mesh) -> None:
     assert all(len(e.top_logprobs) == 2 and e.bytes == list(e.token.encode()) for e in content)
     plain = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == unary.choices[0].message.content
+    # echo: the prompt's own tokens scored first (the first has no logprob), as likelihood evaluations read them
+    echoed = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=2, temperature=0,
+                                    logprobs=1, echo=True)
+    scores = echoed.choices[0].logprobs
+    assert echoed.choices[0].text == "The capital of France is" + "".join(logprobs.tokens[:2])  # greedy, as above
+    assert scores is not None and len(scores.tokens) == echoed.usage.prompt_tokens + 2
+    assert scores.token_logprobs[0] is None and all(v <= 0 for v in scores.token_logprobs[1:])
     wait_kv_idle(mesh)
 
 

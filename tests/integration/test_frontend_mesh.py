@@ -169,6 +169,41 @@ def test_completion_greedy_stream_and_unary_agree(client: Any, mesh: Mesh, token
     assert as_list.choices[0].text == text
 
 
+def test_echo_scores_the_prompt_as_likelihood_evaluations_ask(client: Any, mesh: Mesh, tokenizer: Any) -> None:
+    # lm-evaluation-harness scores a continuation this way: the prompt as one token id list, echo,
+    # logprobs 1, one new token, and reads token_logprobs / top_logprobs of the prompt's tail.
+    model = mesh.frontend.model_name
+    context = tokenizer.encode("The capital of France is")
+    ahead = client.completions.create(model=model, prompt=context, max_tokens=1, temperature=0, logprobs=1)
+    next_id = tokenizer.encode(ahead.choices[0].text)[0]
+    scored = client.completions.create(model=model, prompt=[context + [next_id]], max_tokens=1, temperature=0,
+                                       logprobs=1, echo=True)
+    choice = scored.choices[0]
+    prompt_text = tokenizer.decode(context + [next_id])
+    assert choice.text.startswith(prompt_text) and len(choice.text) > len(prompt_text)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(context) + 2 == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert "".join(lp.tokens) == choice.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    # The echoed score of the token greedy picked after the context is what generating it reported.
+    assert lp.token_logprobs[len(context)] == pytest.approx(ahead.choices[0].logprobs.token_logprobs[0], abs=1e-4)
+    assert max(lp.top_logprobs[len(context)].values()) == lp.token_logprobs[len(context)]  # "is greedy"
+    assert scored.usage.prompt_tokens == len(context) + 1 and scored.usage.completion_tokens == 1
+    # Streamed: the prompt and its scores come first, in the first chunk; the rest as usual.
+    chunks = list(client.completions.create(model=model, prompt=[context + [next_id]], max_tokens=3,
+                                            temperature=0, logprobs=1, echo=True, stream=True))
+    assert chunks[0].choices[0].text.startswith(prompt_text)
+    streamed = [v for c in chunks for v in (c.choices[0].logprobs.token_logprobs if c.choices[0].logprobs else [])]
+    assert streamed[: len(context) + 1] == pytest.approx(lp.token_logprobs[: len(context) + 1], abs=1e-5)
+    assert len(streamed) == len(context) + 1 + 3
+    # echo without logprobs: the text only, and the prompt is not scored.
+    plain = client.completions.create(model=model, prompt="The capital of France is", max_tokens=4, temperature=0,
+                                      echo=True)
+    assert plain.choices[0].text.startswith("The capital of France is") and plain.choices[0].logprobs is None
+    _wait_until(lambda: mesh.worker_stats().load.num_kv_blocks_used == 0, 10, "the KV pool to empty")
+
+
 def test_max_completion_tokens_and_seeded_sampling(client: Any, mesh: Mesh) -> None:
     kwargs = dict(model=mesh.frontend.model_name, messages=CHAT, max_completion_tokens=6, temperature=0.9,
                   top_p=0.9, seed=1234, extra_body={"top_k": 50, "ignore_eos": True})
@@ -413,6 +448,14 @@ def test_native_token_id_prompt_and_list_models(native: Any, mesh: Mesh) -> None
     responses = list(native.Generate(api_pb2.GenerateRequest(
         token_ids=api_pb2.TokenIds(ids=[504, 3458]), sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=60))
     assert responses[-1].usage.prompt_tokens == 2 and responses[-1].usage.completion_tokens <= 3
+    assert not any(r.prompt_logprobs for r in responses)
+    # The prompt scored: its second and third tokens' logprobs, with 2 alternatives, on the first response.
+    scored = list(native.Generate(api_pb2.GenerateRequest(
+        token_ids=api_pb2.TokenIds(ids=[504, 3458, 282]), sampling=common_pb2.SamplingParams(
+            max_tokens=2, prompt_logprobs=2)), timeout=60))
+    assert [e.token_id for e in scored[0].prompt_logprobs] == [3458, 282]
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in scored[0].prompt_logprobs)
+    assert not any(r.prompt_logprobs for r in scored[1:])
     models = native.ListModels(api_pb2.ListModelsRequest()).models
     assert [(m.name, m.max_model_len) for m in models] == [(mesh.frontend.model_name, MAX_MODEL_LEN)]
 

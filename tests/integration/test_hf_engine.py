@@ -321,3 +321,56 @@ async def test_logprobs_match_transformers_logits_and_do_not_change_the_tokens(e
         assert [t for t, _ in entry.top] == top.indices.tolist()
         assert entry.top[0][0] == entry.token_id  # greedy draws the most likely token
     assert_idle(engine)
+
+
+def _reference_prompt_scores(reference, ids: list[int], num_top: int) -> list[tuple[float, list[int]]]:  # type: ignore[no-untyped-def]
+    """transformers' log-probability of each prompt token after the first, and the top alternatives."""
+    with torch.inference_mode():
+        logits = reference(torch.tensor([ids])).logits[0].float()
+    scores = torch.log_softmax(logits, dim=-1)
+    return [(float(scores[p, ids[p + 1]]), torch.topk(scores[p], num_top).indices.tolist())
+            for p in range(len(ids) - 1)]
+
+
+async def test_prompt_logprobs_score_every_prompt_token_even_when_its_prefix_is_cached(engine, reference) -> None:  # type: ignore[no-untyped-def]
+    ids = engine.tokenizer(" ".join(PROMPTS) + " and so the story goes on")["input_ids"]
+    assert len(ids) > 2 * engine.config.block_size
+    plain, _ = await collect(engine, "cache-it", ids, max_tokens=4, temperature=0)  # the prefix is now cached
+    assert all(out.prompt_logprobs is None for out in plain)
+    scored, _ = await collect(engine, "score-it", ids, max_tokens=4, temperature=0, prompt_logprobs=2)
+    assert tokens_of(scored) == tokens_of(plain)  # scoring the prompt changes no output token
+    assert scored[0].num_cached_tokens == 0  # computed again: a cached block holds no logits
+    entries = scored[0].prompt_logprobs
+    assert entries is not None and all(out.prompt_logprobs is None for out in scored[1:])
+    expected = _reference_prompt_scores(reference, ids, 2)
+    assert [e.token_id for e in entries] == ids[1:]
+    for entry, (logprob, top) in zip(entries, expected, strict=True):
+        assert entry.logprob == pytest.approx(logprob, abs=1e-4)
+        assert [t for t, _ in entry.top] == top
+    assert_idle(engine)
+
+
+async def test_prompt_logprobs_of_a_prompt_prefilled_in_chunks_beside_other_requests(model_path: Path, reference) -> None:  # type: ignore[no-untyped-def]
+    # 16 tokens a step: the scored prompt takes several steps, sharing them with a plain request.
+    eng = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=64, max_num_batched_tokens=16))
+    await eng.start()
+    try:
+        ids = eng.tokenizer(" ".join(PROMPTS))["input_ids"]
+        other = eng.tokenizer(PROMPTS[4])["input_ids"]
+        assert len(ids) > 2 * 16
+        (scored, _), (plain, _) = await asyncio.gather(
+            collect(eng, "chunked", ids, max_tokens=3, temperature=0, prompt_logprobs=0),
+            collect(eng, "beside", other, max_tokens=3, temperature=0))
+        entries = scored[0].prompt_logprobs
+        assert entries is not None
+        expected = _reference_prompt_scores(reference, ids, 1)
+        assert [e.token_id for e in entries] == ids[1:]
+        assert all(e.top == () for e in entries)  # 0 alternatives asked for
+        assert [e.logprob for e in entries] == pytest.approx([lp for lp, _ in expected], abs=1e-4)
+        assert plain[0].prompt_logprobs is None
+        with pytest.raises(InvalidRequest, match="prompt_logprobs"):
+            SamplingParams(prompt_logprobs=21)
+        stats = eng.stats()
+        assert (stats.num_running, stats.num_waiting, stats.num_kv_blocks_used) == (0, 0, 0)
+    finally:
+        await eng.shutdown()

@@ -380,3 +380,20 @@ async def test_logprobs_and_penalties_survive_remote_prefill(prefill: PrefillWor
     assert [e.logprob for e in got] == pytest.approx([e.logprob for e in expected], abs=1e-4)
     assert [len(e.top_logprobs) for e in got] == [2] * MAX_TOKENS
     assert (await generate(aggregated, request(ids, "plain")))[0] != [e.token_id for e in expected]  # penalised
+
+
+async def test_a_prompt_to_score_is_prefilled_on_the_decode_worker(prefill: PrefillWorker, aggregated: DecodeWorker,
+                                                                   over_grpc: DecodeWorker, tokenizer: Any) -> None:
+    # prompt_logprobs need the logits of every prompt position, which a KV transfer does not carry.
+    ids = prompts(tokenizer)[0]
+    asked = request(ids, "score-remote", hint(prefill))
+    asked.sampling.prompt_logprobs = 1
+    before = sample(over_grpc, "tandem_worker_prefills_total", {"where": "local", "reason": "prompt_logprobs"})
+    async with grpc.aio.insecure_channel(over_grpc.address) as channel:
+        responses = [r async for r in worker_pb2_grpc.WorkerServiceStub(channel).Generate(asked)]
+    assert sample(over_grpc, "tandem_worker_prefills_total",
+                  {"where": "local", "reason": "prompt_logprobs"}) == before + 1
+    assert [e.token_id for e in responses[0].prompt_logprobs] == ids[1:]
+    assert all(len(e.top_logprobs) == 1 for e in responses[0].prompt_logprobs)
+    expected, _ = await generate(aggregated, request(ids, "score-ref"))
+    assert [t for r in responses for t in r.delta.token_ids] == expected

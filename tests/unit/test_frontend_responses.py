@@ -6,7 +6,7 @@ import pytest
 
 from services.frontend import openai_responses as responses
 from services.frontend.openai_http import request_id_for
-from tandem.engine.types import FinishReason
+from tandem.engine.types import FinishReason, TokenLogprob
 from tandem.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable
 
 pytestmark = pytest.mark.unit
@@ -51,6 +51,20 @@ def test_completion_and_chunk() -> None:
     assert body["choices"][0]["text"] == "abc" and body["choices"][0]["finish_reason"] == "length"
     chunk = responses.completion_chunk(HEADER, "a")
     assert chunk["object"] == "text_completion" and chunk["choices"][0]["finish_reason"] is None
+
+
+def test_an_echoed_prompt_comes_first_in_the_logprobs_with_a_null_for_its_first_token() -> None:
+    text = {1: "The", 2: " sky", 3: " is", 4: " blue"}.__getitem__
+    completion = responses.completion_logprobs([TokenLogprob(4, -0.5, ((4, -0.5), (2, -2.0)))], text, 11)
+    scores = [TokenLogprob(2, -3.0, ((3, -1.0),)), TokenLogprob(3, -0.25, ((3, -0.25),))]
+    body = responses.prepend_prompt_logprobs([1, 2, 3], scores, text, completion)
+    assert body["tokens"] == ["The", " sky", " is", " blue"]
+    assert body["token_logprobs"] == [None, -3.0, -0.25, -0.5]
+    assert body["top_logprobs"] == [None, {" is": -1.0, " sky": -3.0}, {" is": -0.25}, {" blue": -0.5, " sky": -2.0}]
+    assert body["text_offset"] == [0, 3, 7, 11]
+    # Without scores (echo of a prompt not scored) every prompt token's logprob is null.
+    bare = responses.prepend_prompt_logprobs([1, 2], [], text, completion)
+    assert bare["token_logprobs"] == [None, None, -0.5] and bare["top_logprobs"][:2] == [None, None]
 
 
 def test_model_list() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from services.frontend.migration import StreamProgress
 from tandem.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from tandem.engine.types import FinishReason, RequestOutput, SamplingParams
+from tandem.engine.types import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
 pytestmark = pytest.mark.unit
 
@@ -116,3 +116,18 @@ def test_no_token_yet_means_a_plain_reroute(tokenizer: Any) -> None:
     progress.start_migration(tokenizer)
     assert progress.resumed is None and progress.worker_prompt() == [1, 2, 3]
     assert progress.worker_sampling() == SamplingParams(max_tokens=8, seed=5, temperature=1.0)
+
+
+def test_prompt_logprobs_are_asked_for_until_they_came(tokenizer: Any) -> None:
+    # They come with the first token; a worker that continues the request must not score its
+    # prompt (the original prompt plus earlier output) again.
+    sampling = SamplingParams(max_tokens=8, prompt_logprobs=1, logprobs=1)
+    progress = StreamProgress([1, 2, 3], sampling, max_model_len=100)
+    assert progress.worker_sampling().prompt_logprobs == 1  # nothing streamed yet: ask again
+    scores = [TokenLogprob(2, -1.0), TokenLogprob(3, -2.0)]
+    out = progress.accept(RequestOutput("r", [7], "", None, 3, 1, logprobs=[TokenLogprob(7, -0.5)],
+                                        prompt_logprobs=scores))
+    assert out is not None and out.prompt_logprobs == scores
+    progress.start_migration(tokenizer)
+    resumed = progress.worker_sampling()
+    assert resumed.prompt_logprobs is None and resumed.logprobs == 1 and resumed.max_tokens == 7

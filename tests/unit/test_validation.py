@@ -159,7 +159,7 @@ def test_penalties_and_min_tokens_are_applied_not_dropped() -> None:
 
 
 @pytest.mark.parametrize(("body", "field"), [
-    (completion(echo=True), "echo"),
+    (chat(echo=True), "echo"),
     (completion(suffix="end"), "suffix"),
     (chat(logit_bias={"1": 2}), "logit_bias"),
     (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
@@ -205,6 +205,17 @@ def test_logprobs_in_chat_and_completions_spelling() -> None:
     assert parse_completion_request(completion(logprobs=2)).sampling.logprobs == 2
     assert parse_completion_request(completion(logprobs=0)).sampling.logprobs == 0
     assert parse_completion_request(completion()).sampling.logprobs is None
+
+
+def test_echo_with_logprobs_asks_for_the_prompts_logprobs_too() -> None:
+    scored = parse_completion_request(completion(echo=True, logprobs=1, max_tokens=1))
+    assert scored.echo and scored.sampling.prompt_logprobs == 1 == scored.sampling.logprobs
+    echoed = parse_completion_request(completion(echo=True))
+    assert echoed.echo and echoed.sampling.prompt_logprobs is None  # text only: nothing to score
+    assert parse_completion_request(completion(logprobs=1)).sampling.prompt_logprobs is None
+    with pytest.raises(InvalidRequest) as info:
+        parse_completion_request(completion(echo="yes"))
+    assert info.value.field == "echo"
 
 
 def test_n_choices() -> None:

@@ -44,6 +44,7 @@ class TokenUpdate:
     error: str | None = None
     pinned_block_ids: list[int] = field(default_factory=list)  # prefill role only
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
+    prompt_logprobs: list[TokenLogprob] | None = None  # with a prompt_logprobs request's first token
 
 
 class DisaggregationMixin:

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -32,6 +32,9 @@ from tandem.engine.types import (
 from tandem.errors import InvalidRequest, ResourceExhausted
 from tandem.kv.events import KvEventLog, KvSnapshot, KvSubscription
 from tandem.models import served_model_name
+
+if TYPE_CHECKING:
+    from tandem.engine.hf.scheduler import ScheduledSeq
 
 log = structlog.get_logger(__name__)
 
@@ -183,9 +186,11 @@ class HFEngine(DisaggregationMixin):
                 update = preset.pop(0) if preset else await updates.get()
                 token_ids = list(update.token_ids)
                 logprobs = None if request.sampling.logprobs is None else list(update.logprobs or [])
+                prompt_logprobs = update.prompt_logprobs
                 reason = update.finish_reason
                 while reason is None and not preset and not updates.empty():  # coalesce when the reader lags
                     more = updates.get_nowait()
+                    prompt_logprobs = prompt_logprobs or more.prompt_logprobs
                     token_ids.extend(more.token_ids)
                     if logprobs is not None:
                         logprobs.extend(more.logprobs or [])
@@ -203,7 +208,7 @@ class HFEngine(DisaggregationMixin):
                 finished = reason is not None
                 if token_ids or text or finished:
                     yield RequestOutput(rid, token_ids, text, reason, num_prompt, num_output,
-                                        update.num_cached_tokens, update.error, logprobs)
+                                        update.num_cached_tokens, update.error, logprobs, prompt_logprobs)
         finally:
             self._streams.pop(rid, None)
             if not finished:  # the consumer went away: free the request's blocks
@@ -327,7 +332,9 @@ class HFEngine(DisaggregationMixin):
         if not scheduled:
             return
         sampling = [item for item in scheduled if item.samples]
-        logits = self.runner.execute(scheduled)
+        logits, prompt_logits = self.runner.execute(scheduled)
+        if prompt_logits is not None:
+            self._score_prompts(scheduled, prompt_logits)
         params = [i.seq.sampling for i in sampling]
         histories = ([(i.seq.token_ids, i.seq.output_start, i.seq.num_prompt_tokens) for i in sampling]
                      if any(p.penalised for p in params) else None)
@@ -342,15 +349,34 @@ class HFEngine(DisaggregationMixin):
         for seq in self.scheduler.postprocess(scheduled, tokens):
             pinned = list(seq.block_table) if seq.request_id in self.scheduler.pinned else []
             logprob = logprobs.get(seq.request_id)
+            prompt_logprobs = None
+            if seq.sampling.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+                prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
             updates[seq.request_id] = TokenUpdate([seq.token_ids[-1]], seq.finish_reason, seq.num_cached_tokens,
                                                   pinned_block_ids=pinned,
-                                                  logprobs=None if logprob is None else [logprob])
+                                                  logprobs=None if logprob is None else [logprob],
+                                                  prompt_logprobs=prompt_logprobs)
         duration_s = time.perf_counter() - started
         self._recent_step_s = duration_s if not self._recent_step_s else 0.8 * self._recent_step_s + 0.2 * duration_s
         if self._on_step is not None:
             num_tokens = sum(i.num_new_tokens for i in scheduled)
             prefill = sum(i.num_new_tokens for i in scheduled if i.num_new_tokens > 1)
             self._on_step(StepInfo(len(scheduled), num_tokens, prefill, duration_s))
+
+    def _score_prompts(self, scheduled: list[ScheduledSeq], prompt_logits: Any) -> None:
+        """Append each prompt_logprobs request's scores of this step's prompt positions."""
+        from tandem.engine.hf.sampler import scored_logprobs  # torch is imported on start, not on import
+
+        row = 0
+        for item in scheduled:
+            positions = item.prompt_logprob_positions
+            if not positions:
+                continue
+            seq = item.seq
+            targets = [seq.token_ids[p + 1] for p in positions]
+            seq.prompt_logprobs.extend(scored_logprobs(prompt_logits[row : row + len(targets)], targets,
+                                                       seq.sampling.prompt_logprobs or 0))
+            row += len(targets)
 
     def _abort_all(self, reason: FinishReason, error: str | None) -> None:
         updates: dict[str, TokenUpdate] = {}

@@ -141,8 +141,9 @@ class ModelRunner:
         return (blocks[:, None] * self.block_size + self._slot_offsets).flatten()[start:end]
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
-        """One forward pass; returns logits [num_sampling_seqs, vocab] in scheduled order."""
+    def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward pass; returns logits [num_sampling_seqs, vocab] in scheduled order, and those of
+        every ``prompt_logprob_positions`` position in scheduled order (None when there are none)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slot_parts: list[torch.Tensor] = []
@@ -150,6 +151,7 @@ class ModelRunner:
         decode_positions: list[int] = []
         decode_slots: list[torch.Tensor] = []
         logit_rows: list[int] = []
+        prompt_rows: list[int] = []
         for item in scheduled:
             seq, n = item.seq, item.num_new_tokens
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -169,6 +171,7 @@ class ModelRunner:
                 prefills.append(PrefillSlice(pack_start, n, context, mask))
             if item.samples:
                 logit_rows.append(pack_start + n - 1)
+            prompt_rows.extend(pack_start + p - start for p in item.prompt_logprob_positions)
 
         decode_pos_t = decode_slots_t = decode_mask = None
         if decode_positions:
@@ -181,10 +184,13 @@ class ModelRunner:
 
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
         pos = torch.tensor([positions], dtype=torch.long, device=self.device)
-        keep = torch.tensor(logit_rows, dtype=torch.long, device=self.device)
+        keep = torch.tensor(logit_rows + prompt_rows, dtype=torch.long, device=self.device)
         output = self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep,
                             tandem_runner=self, tandem_step=meta)
-        return output.logits[0].float()
+        logits = output.logits[0].float()
+        if not prompt_rows:
+            return logits, None
+        return logits[: len(logit_rows)], logits[len(logit_rows) :]
 
     def read_blocks(self, block_ids: list[int], layer_start: int, layer_count: int,
                     out: torch.Tensor | None = None) -> torch.Tensor:

@@ -128,3 +128,23 @@ def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], tokens: l
             top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
         out[row] = TokenLogprob(token, float(logprobs[token]), top)
     return out
+
+
+def scored_logprobs(logits: torch.Tensor, targets: list[int], num_top: int) -> list[TokenLogprob]:
+    """Row i's log-probability of ``targets[i]`` (the prompt token that follows its position) under
+    the raw logits, with the ``num_top`` most likely tokens; rows go through in slices so a long
+    prompt's log-softmax never holds more than one slice of the vocabulary at once."""
+    out: list[TokenLogprob] = []
+    for start in range(0, len(targets), _SCORE_SLICE_ROWS):
+        rows = torch.log_softmax(logits[start : start + _SCORE_SLICE_ROWS].float(), dim=-1)
+        wanted = torch.tensor(targets[start : start + _SCORE_SLICE_ROWS], dtype=torch.long, device=rows.device)
+        values = rows.gather(1, wanted[:, None])[:, 0].tolist()
+        tops: list[tuple[tuple[int, float], ...]] = [()] * len(values)
+        if num_top:
+            top_values, top_ids = torch.topk(rows, num_top, dim=-1)
+            tops = [tuple(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), top_values.tolist(), strict=True)]
+        out.extend(TokenLogprob(t, v, top) for t, v, top in zip(targets[start:], values, tops, strict=False))
+    return out
+
+
+_SCORE_SLICE_ROWS = 256

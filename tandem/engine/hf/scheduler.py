@@ -27,6 +27,16 @@ class ScheduledSeq:
         """After this step every known token is computed, so the next one is sampled."""
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
+    @property
+    def prompt_logprob_positions(self) -> range:
+        """Positions computed this step whose logits score the next prompt token (prompt_logprobs)."""
+        seq = self.seq
+        if not seq.wants_prompt_logprobs:
+            return range(0)
+        start = max(seq.num_computed_tokens, len(seq.prompt_logprobs))
+        end = min(seq.num_computed_tokens + self.num_new_tokens, seq.num_prompt_tokens - 1)
+        return range(start, max(start, end))
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
@@ -117,6 +127,8 @@ class Scheduler:
         bs = self.blocks.block_size
         hashes = hash_blocks(seq.token_ids, bs)
         hits = self.blocks.find_prefix(hashes)
+        if seq.wants_prompt_logprobs:
+            hits = []  # cached blocks hold keys and values, not the logits each position scores with
         if len(hits) * bs >= seq.num_tokens:
             hits = hits[:-1]  # the last token must be computed to get logits for sampling
         num_cached = len(hits) * bs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from tandem.engine.types import FinishReason, SamplingParams
+from tandem.engine.types import FinishReason, SamplingParams, TokenLogprob
 
 
 class SequenceStatus(enum.Enum):
@@ -33,10 +33,18 @@ class Sequence:
     # where the output starts for penalties and min_tokens: before num_prompt_tokens when the
     # request resumed here with its earlier output appended to the prompt
     output_start: int = -1
+    # prompt_logprobs: those of prompt tokens 1, 2, ... computed so far; handed out with the first token
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         if self.output_start < 0:
             self.output_start = self.num_prompt_tokens
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether prompt positions of this request still need their logits kept."""
+        return self.sampling.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def num_tokens(self) -> int:

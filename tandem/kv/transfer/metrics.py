@@ -10,7 +10,7 @@ _TRANSPORTS = ("grpc", "shm")
 # A 256-token transfer of a small model takes about a millisecond; 8k tokens of a large one, seconds.
 _DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _THROUGHPUT_BUCKETS_GBPS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0)
-LOCAL_REASONS = ("no_hint", "short_prompt", "pool_full", "prefill_failed", "import_failed")
+LOCAL_REASONS = ("no_hint", "short_prompt", "pool_full", "prefill_failed", "import_failed", "prompt_logprobs")
 
 
 class PullMetrics:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.proto.common.v1 import common_pb2 as tandem_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/api/v1/api.proto\x12\rtandem.api.v1\x1a\x1dtandem/common/v1/common.proto\"\xb0\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.tandem.api.v1.TokenIdsH\x00\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xb2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1c.tandem.common.v1.TokenDelta\x12\x35\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1e.tandem.common.v1.FinishReason\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.tandem.common.v1.Usage\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.tandem.api.v1.ModelInfo\"0\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r2\xb5\x01\n\x11GenerationService\x12M\n\x08Generate\x12\x1e.tandem.api.v1.GenerateRequest\x1a\x1f.tandem.api.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .tandem.api.v1.ListModelsRequest\x1a!.tandem.api.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/api/v1/api.proto\x12\rtandem.api.v1\x1a\x1dtandem/common/v1/common.proto\"\xb0\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.tandem.api.v1.TokenIdsH\x00\x12\x32\n\x08sampling\x18\x04 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xeb\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1c.tandem.common.v1.TokenDelta\x12\x35\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1e.tandem.common.v1.FinishReason\x12&\n\x05usage\x18\x04 \x01(\x0b\x32\x17.tandem.common.v1.Usage\x12\x37\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1e.tandem.common.v1.TokenLogprob\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.tandem.api.v1.ModelInfo\"0\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r2\xb5\x01\n\x11GenerationService\x12M\n\x08Generate\x12\x1e.tandem.api.v1.GenerateRequest\x1a\x1f.tandem.api.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .tandem.api.v1.ListModelsRequest\x1a!.tandem.api.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=252
   _globals['_TOKENIDS']._serialized_end=275
   _globals['_GENERATERESPONSE']._serialized_start=278
-  _globals['_GENERATERESPONSE']._serialized_end=456
-  _globals['_LISTMODELSREQUEST']._serialized_start=458
-  _globals['_LISTMODELSREQUEST']._serialized_end=477
-  _globals['_LISTMODELSRESPONSE']._serialized_start=479
-  _globals['_LISTMODELSRESPONSE']._serialized_end=541
-  _globals['_MODELINFO']._serialized_start=543
-  _globals['_MODELINFO']._serialized_end=591
-  _globals['_GENERATIONSERVICE']._serialized_start=594
-  _globals['_GENERATIONSERVICE']._serialized_end=775
+  _globals['_GENERATERESPONSE']._serialized_end=513
+  _globals['_LISTMODELSREQUEST']._serialized_start=515
+  _globals['_LISTMODELSREQUEST']._serialized_end=534
+  _globals['_LISTMODELSRESPONSE']._serialized_start=536
+  _globals['_LISTMODELSRESPONSE']._serialized_end=598
+  _globals['_MODELINFO']._serialized_start=600
+  _globals['_MODELINFO']._serialized_end=648
+  _globals['_GENERATIONSERVICE']._serialized_start=651
+  _globals['_GENERATIONSERVICE']._serialized_end=832
 # @@protoc_insertion_point(module_scope)

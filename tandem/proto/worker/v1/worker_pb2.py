@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.proto.common.v1 import common_pb2 as tandem_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/worker/v1/worker.proto\x12\x10tandem.worker.v1\x1a\x1dtandem/common/v1/common.proto\"\xc6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12.\n\x07prefill\x18\x04 \x01(\x0b\x32\x1d.tandem.worker.v1.PrefillHint\x12!\n\x19num_resumed_output_tokens\x18\x05 \x01(\r\"T\n\x0bPrefillHint\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12!\n\x19min_remote_prefill_tokens\x18\x03 \x01(\r\"\xcc\x01\n\x10GenerateResponse\x12+\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1c.tandem.common.v1.TokenDelta\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.tandem.common.v1.FinishReason\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.tandem.common.v1.Usage\x12,\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1d.tandem.common.v1.ErrorDetail\"\x11\n\x0fGetStatsRequest\"\xb9\x01\n\x10GetStatsResponse\x12*\n\x04load\x18\x01 \x01(\x0b\x32\x1c.tandem.worker.v1.WorkerLoad\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12 \n\x18num_prefix_cache_queries\x18\x05 \x01(\x04\x12\x1d\n\x15num_prefix_cache_hits\x18\x06 \x01(\x04\"\x8d\x01\n\nWorkerLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x1a\n\x12num_kv_blocks_used\x18\x03 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x04 \x01(\r\x12\x1c\n\x14num_free_queue_slots\x18\x05 \x01(\r2\xb7\x01\n\rWorkerService\x12S\n\x08Generate\x12!.tandem.worker.v1.GenerateRequest\x1a\".tandem.worker.v1.GenerateResponse0\x01\x12Q\n\x08GetStats\x12!.tandem.worker.v1.GetStatsRequest\x1a\".tandem.worker.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/worker/v1/worker.proto\x12\x10tandem.worker.v1\x1a\x1dtandem/common/v1/common.proto\"\xc6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12.\n\x07prefill\x18\x04 \x01(\x0b\x32\x1d.tandem.worker.v1.PrefillHint\x12!\n\x19num_resumed_output_tokens\x18\x05 \x01(\r\"T\n\x0bPrefillHint\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12!\n\x19min_remote_prefill_tokens\x18\x03 \x01(\r\"\x85\x02\n\x10GenerateResponse\x12+\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1c.tandem.common.v1.TokenDelta\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.tandem.common.v1.FinishReason\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.tandem.common.v1.Usage\x12,\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1d.tandem.common.v1.ErrorDetail\x12\x37\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1e.tandem.common.v1.TokenLogprob\"\x11\n\x0fGetStatsRequest\"\xb9\x01\n\x10GetStatsResponse\x12*\n\x04load\x18\x01 \x01(\x0b\x32\x1c.tandem.worker.v1.WorkerLoad\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12 \n\x18num_prefix_cache_queries\x18\x05 \x01(\x04\x12\x1d\n\x15num_prefix_cache_hits\x18\x06 \x01(\x04\"\x8d\x01\n\nWorkerLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x1a\n\x12num_kv_blocks_used\x18\x03 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x04 \x01(\r\x12\x1c\n\x14num_free_queue_slots\x18\x05 \x01(\r2\xb7\x01\n\rWorkerService\x12S\n\x08Generate\x12!.tandem.worker.v1.GenerateRequest\x1a\".tandem.worker.v1.GenerateResponse0\x01\x12Q\n\x08GetStats\x12!.tandem.worker.v1.GetStatsRequest\x1a\".tandem.worker.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLHINT']._serialized_start=283
   _globals['_PREFILLHINT']._serialized_end=367
   _globals['_GENERATERESPONSE']._serialized_start=370
-  _globals['_GENERATERESPONSE']._serialized_end=574
-  _globals['_GETSTATSREQUEST']._serialized_start=576
-  _globals['_GETSTATSREQUEST']._serialized_end=593
-  _globals['_GETSTATSRESPONSE']._serialized_start=596
-  _globals['_GETSTATSRESPONSE']._serialized_end=781
-  _globals['_WORKERLOAD']._serialized_start=784
-  _globals['_WORKERLOAD']._serialized_end=925
-  _globals['_WORKERSERVICE']._serialized_start=928
-  _globals['_WORKERSERVICE']._serialized_end=1111
+  _globals['_GENERATERESPONSE']._serialized_end=631
+  _globals['_GETSTATSREQUEST']._serialized_start=633
+  _globals['_GETSTATSREQUEST']._serialized_end=650
+  _globals['_GETSTATSRESPONSE']._serialized_start=653
+  _globals['_GETSTATSRESPONSE']._serialized_end=838
+  _globals['_WORKERLOAD']._serialized_start=841
+  _globals['_WORKERLOAD']._serialized_end=982
+  _globals['_WORKERSERVICE']._serialized_start=985
+  _globals['_WORKERSERVICE']._serialized_end=1168
 # @@protoc_insertion_point(module_scope)
