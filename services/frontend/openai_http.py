@@ -17,7 +17,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.frontend import openai_responses as responses
 from services.frontend import sse
-from services.frontend.openai_protocol import parse_chat_request, parse_completion_request
+from services.frontend.openai_protocol import (
+    parse_chat_request,
+    parse_completion_request,
+    parse_detokenize_request,
+    parse_tokenize_request,
+)
 from services.frontend.pipeline import GenerationRequest, Pipeline, is_valid_request_id
 from services.frontend.routing import parse_routing_overrides
 from tandem.engine.types import RequestOutput, TokenLogprob
@@ -86,6 +91,9 @@ class OpenAIHttpApi:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
+        for prefix in ("", "/v1"):  # vLLM serves these at the root; some clients add /v1
+            app.router.add_post(f"{prefix}/tokenize", self.tokenize)
+            app.router.add_post(f"{prefix}/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
         app.router.add_get("/live", self.live)
         app.router.add_get("/metrics", self.metrics)
@@ -297,6 +305,26 @@ class OpenAIHttpApi:
     async def models(self, request: web.Request) -> web.Response:
         return self._json(request, responses.model_list(self.pipeline.model_name, self.created,
                                                         self.pipeline.max_model_len))
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: the token ids a prompt or chat becomes here (what usage.prompt_tokens counts)."""
+        parsed = parse_tokenize_request(await _read_json(request))
+        self.pipeline.check_model(parsed.model)
+        if parsed.messages is not None:
+            ids = self.pipeline.apply_chat_template(parsed.messages, parsed.add_generation_prompt)
+        else:
+            assert parsed.text is not None
+            ids = self.pipeline.tokenize(parsed.text, parsed.add_special_tokens)
+        token_strs = self.pipeline.tokenizer.convert_ids_to_tokens(ids) if parsed.return_token_strs else None
+        return self._json(request, {"count": len(ids), "max_model_len": self.pipeline.max_model_len, "tokens": ids,
+                                    "token_strs": token_strs})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /detokenize: the text of token ids."""
+        model, ids = parse_detokenize_request(await _read_json(request))
+        self.pipeline.check_model(model)
+        self.pipeline.validate_token_ids(ids, "tokens")
+        return self._json(request, {"prompt": self.pipeline.tokenizer.decode(ids)})
 
     async def health(self, request: web.Request) -> web.Response:
         if self.is_draining():

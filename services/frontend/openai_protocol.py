@@ -39,6 +39,42 @@ class CompletionRequest:
     echo: bool = False  # the prompt goes first in the text (and its logprobs first in logprobs)
 
 
+@dataclass(slots=True)
+class TokenizeRequest:
+    """vLLM's /tokenize: a prompt (``text``) or chat ``messages``, never both."""
+
+    model: str | None
+    text: str | None
+    messages: list[dict[str, str]] | None
+    add_special_tokens: bool
+    add_generation_prompt: bool
+    return_token_strs: bool
+
+
+def parse_tokenize_request(body: Any) -> TokenizeRequest:
+    body = _require_object(body)
+    has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
+    if has_prompt == has_messages:
+        raise InvalidRequest("send either prompt (a string) or messages (a chat), not both or neither",
+                             "messages" if has_messages else "prompt")
+    add_special = _optional(body, "add_special_tokens", bool)
+    add_generation = _optional(body, "add_generation_prompt", bool)
+    return TokenizeRequest(
+        model=_optional(body, "model", str),
+        text=_optional(body, "prompt", str),
+        messages=normalise_messages(body["messages"]) if has_messages else None,
+        add_special_tokens=True if add_special is None else add_special,
+        add_generation_prompt=True if add_generation is None else add_generation,
+        return_token_strs=bool(_optional(body, "return_token_strs", bool)),
+    )
+
+
+def parse_detokenize_request(body: Any) -> tuple[str | None, list[int]]:
+    """vLLM's /detokenize: (model, token ids)."""
+    body = _require_object(body)
+    return _optional(body, "model", str), _parse_token_ids(body.get("tokens"), "tokens", allow_empty=True)
+
+
 def parse_chat_request(body: Any) -> ChatCompletionRequest:
     body = _require_object(body)
     if "messages" not in body:

@@ -143,14 +143,14 @@ class Pipeline:
         if model and model != self.model_name:
             raise NotFound(f"The model '{model}' does not exist; this server serves '{self.model_name}'", "model")
 
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         normalised = normalise_messages(messages)
         try:
             token_ids = self.tokenizer.apply_chat_template(
-                normalised, add_generation_prompt=True, tokenize=True, return_dict=False
+                normalised, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
             )
         except Exception as exc:  # the template is model code: any failure means bad messages
             raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", "messages") from exc
@@ -167,6 +167,9 @@ class Pipeline:
                 "completion). Shorten the prompt or lower max_tokens.",
                 field,
             )
+        self.validate_token_ids(token_ids, field)
+
+    def validate_token_ids(self, token_ids: list[int], field: str) -> None:
         for token_id in token_ids:
             if not 0 <= token_id < self.vocab_size:
                 raise InvalidRequest(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})", field)

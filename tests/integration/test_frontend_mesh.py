@@ -204,6 +204,34 @@ def test_echo_scores_the_prompt_as_likelihood_evaluations_ask(client: Any, mesh:
     _wait_until(lambda: mesh.worker_stats().load.num_kv_blocks_used == 0, 10, "the KV pool to empty")
 
 
+def test_tokenize_counts_what_usage_counts_and_detokenize_inverts_it(client: Any, mesh: Mesh, tokenizer: Any) -> None:
+    model = mesh.frontend.model_name
+    for prefix in ("", "/v1"):
+        counted = httpx.post(f"{mesh.base_url}{prefix}/tokenize", json={"model": model, "prompt": "The capital of France is",
+                                                                     "return_token_strs": True}).json()
+        assert counted["tokens"] == tokenizer.encode("The capital of France is")
+        assert counted["count"] == len(counted["tokens"]) and counted["max_model_len"] == MAX_MODEL_LEN
+        assert counted["token_strs"] == tokenizer.convert_ids_to_tokens(counted["tokens"])
+        text = httpx.post(f"{mesh.base_url}{prefix}/detokenize", json={"model": model, "tokens": counted["tokens"]})
+        assert text.json() == {"prompt": "The capital of France is"}
+    completion = client.completions.create(model=model, prompt="The capital of France is", max_tokens=1)
+    assert completion.usage.prompt_tokens == counted["count"]
+    chat = httpx.post(f"{mesh.base_url}/tokenize", json={"model": model, "messages": CHAT}).json()
+    answered = client.chat.completions.create(model=model, messages=CHAT, max_tokens=1)
+    assert chat["count"] == answered.usage.prompt_tokens and chat["token_strs"] is None
+    bare = httpx.post(f"{mesh.base_url}/tokenize", json={"messages": CHAT, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == chat["tokens"][: bare["count"]] and bare["count"] < chat["count"]
+    for path, body, param, status in [
+        ("/tokenize", {"prompt": "x", "messages": CHAT}, "messages", 400),
+        ("/tokenize", {}, "prompt", 400),
+        ("/tokenize", {"model": "nope", "prompt": "x"}, "model", 404),
+        ("/detokenize", {"tokens": [10**7]}, "tokens", 400),
+        ("/detokenize", {"tokens": "abc"}, "tokens", 400),
+    ]:
+        refused = httpx.post(f"{mesh.base_url}{path}", json=body)
+        assert refused.status_code == status and refused.json()["error"]["param"] == param, (path, body)
+
+
 def test_max_completion_tokens_and_seeded_sampling(client: Any, mesh: Mesh) -> None:
     kwargs = dict(model=mesh.frontend.model_name, messages=CHAT, max_completion_tokens=6, temperature=0.9,
                   top_p=0.9, seed=1234, extra_body={"top_k": 50, "ignore_eos": True})
