@@ -144,7 +144,9 @@ class Pipeline:
             raise NotFound(f"The model '{model}' does not exist; this server serves '{self.model_name}'", "model")
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        if add_special_tokens:  # what every generation request does: the tokenizer's plain encode
+            return list(self.tokenizer.encode(text))
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         normalised = normalise_messages(messages)
