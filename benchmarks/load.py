@@ -71,9 +71,10 @@ def prompts(n: int) -> list[str]:
 
 
 async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max_tokens: int,
-                   metrics_url: str | None = None) -> RunResult:
-    """Stream ``texts`` through the frontend's /v1/completions with aiohttp's client: about 1 ms
-    cheaper a streamed request than httpx on a 2-core host (2-3 ms of TTFT), and the client is not the mesh."""
+                   metrics_url: str | None = None, chat: bool = False) -> RunResult:
+    """Stream ``texts`` through the frontend's /v1/completions (``chat``: each as a user message to
+    /v1/chat/completions) with aiohttp's client: about 1 ms cheaper a streamed request than httpx on a
+    2-core host (2-3 ms of TTFT), and the client is not the mesh."""
     import aiohttp
 
     result = RunResult()
@@ -82,11 +83,12 @@ async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max
 
     async def one(session: aiohttp.ClientSession, text: str) -> None:
         async with sem:
-            body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0,
-                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                    **({"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text})}
             start = time.perf_counter()
             last = None
-            async with session.post(f"{url}/v1/completions", json=body) as reply:
+            async with session.post(f"{url}/v1/{'chat/' if chat else ''}completions", json=body) as reply:
                 reply.raise_for_status()
                 async for raw in reply.content:  # one SSE line at a time
                     if not raw.startswith(b"data: {"):
@@ -94,8 +96,9 @@ async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max
                     chunk = json.loads(raw[6:])
                     if chunk.get("usage"):
                         result.output_tokens += chunk["usage"]["completion_tokens"]
-                    if not chunk.get("choices") or not chunk["choices"][0].get("text"):
-                        continue  # usage or finish-only chunks carry no token text
+                    choice = chunk["choices"][0] if chunk.get("choices") else {}
+                    if not (choice.get("delta", {}).get("content") if chat else choice.get("text")):
+                        continue  # usage, role-only or finish-only chunks carry no token text
                     now = time.perf_counter()
                     if last is None:
                         result.ttft_s.append(now - start)
@@ -114,7 +117,7 @@ async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max
 
 
 async def run_engine(engine, texts: list[str], concurrency: int, max_tokens: int,  # type: ignore[no-untyped-def]
-                     clock: StepClock | None = None) -> RunResult:
+                     clock: StepClock | None = None, chat: bool = False) -> RunResult:
     from tandem.engine.types import EngineRequest, SamplingParams
 
     result = RunResult()
@@ -125,7 +128,12 @@ async def run_engine(engine, texts: list[str], concurrency: int, max_tokens: int
     async def one(text: str) -> None:
         async with sem:
             start = time.perf_counter()
-            ids = engine.tokenizer(text)["input_ids"]
+            if chat:  # the chat template, as the frontend applies it
+                ids = list(engine.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                                add_generation_prompt=True, tokenize=True,
+                                                                return_dict=False))
+            else:
+                ids = engine.tokenizer(text)["input_ids"]
             request = EngineRequest(f"bench-{next(counter)}", ids,
                                     SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
             last = None
@@ -205,6 +213,9 @@ async def main() -> None:
     parser.add_argument("--worker-metrics-url", default=None, help="with --url: its worker's /metrics (step times)")
     parser.add_argument("--model", type=Path, default=None, help="a model directory (default: SmolLM2-135M)")
     parser.add_argument("--device", default="cpu", help="torch device of the worker and the in-process engine")
+    parser.add_argument("--chat", action="store_true",
+                        help="chat completions (each prompt a user message) instead of completions: an instruct "
+                             "model's first token then has text, so TTFT is one step, not two")
     args = parser.parse_args()
 
     import torch
@@ -232,10 +243,11 @@ async def main() -> None:
             for i in range(args.runs):  # pairs, alternating which goes first
                 for path in (("engine", "mesh") if i % 2 == 0 else ("mesh", "engine")):
                     if path == "engine":
-                        engine_runs.append(await run_engine(engine, texts, concurrency, args.max_tokens, clock))
+                        engine_runs.append(await run_engine(engine, texts, concurrency, args.max_tokens, clock,
+                                                            args.chat))
                     else:
                         mesh_runs.append(await run_mesh(url, model_name, texts, concurrency, args.max_tokens,
-                                                             metrics_url))
+                                                             metrics_url, args.chat))
             e, m = summarize(engine_runs), summarize(mesh_runs)
             for name, s in (("engine", e), ("mesh", m)):
                 rows.append([concurrency, name, *(s[k] for k in s), ""])
@@ -249,7 +261,7 @@ async def main() -> None:
             mesh_proc.wait(60)
     print(f"\n{args.requests_per_level} requests per level, {args.max_tokens} output tokens each, "
           f"{args.runs} runs (medians; ratios: medians of paired runs), {args.threads} torch thread(s), "
-          f"device {args.device}\n")
+          f"device {args.device}, {'chat completions' if args.chat else 'completions'}\n")
     print(table(["conc", "path", "req/s", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
                  "step ms", "TTFT ratio spread"], rows))
 
