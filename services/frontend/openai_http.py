@@ -123,7 +123,7 @@ class OpenAIHttpApi:
             return self._json(request, _merge_choices([responses.chat_completion(
                 header, r.text, r.last.finish_reason, _usage(r.last),
                 responses.chat_logprobs(r.logprobs, self._token_text) if wants_logprobs else None)
-                for r in results], _total_usage([r.last for r in results])))
+                for r in results], _total_usage([r.last for r in results], len(results))))
         pending = [_PendingLogprobs() for _ in generations]
 
         def chunks(output: RequestOutput, first: bool, index: int) -> list[dict[str, Any]]:
@@ -141,7 +141,7 @@ class OpenAIHttpApi:
             return out
 
         return await self._stream(request, generations, chunks, "chat.completion.chunk", header,
-                                  parsed.include_usage)
+                                  parsed.include_usage, len(generations))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         endpoint, stream = "completions", False
@@ -150,34 +150,41 @@ class OpenAIHttpApi:
             stream = isinstance(body, dict) and body.get("stream") is True
             parsed = parse_completion_request(body)
             self.pipeline.check_model(parsed.model)
-            prompt = parsed.prompt
-            prompt_ids = self.pipeline.tokenize(prompt) if isinstance(prompt, str) else prompt
-            # echo: the prompt as sent, or the text of its token ids
-            echoed = (prompt if isinstance(prompt, str) else self.pipeline.tokenizer.decode(prompt)) if parsed.echo else ""
-            self.pipeline.validate_prompt(prompt_ids, parsed.sampling, "prompt")
+            batch: list[list[int]] = []  # each prompt's token ids
+            echoed: list[str] = []  # echo: each prompt as sent, or the text of its token ids
+            for prompt in parsed.prompts:
+                batch.append(self.pipeline.tokenize(prompt) if isinstance(prompt, str) else prompt)
+                if parsed.echo:
+                    echoed.append(prompt if isinstance(prompt, str) else self.pipeline.tokenizer.decode(prompt))
+                self.pipeline.validate_prompt(batch[-1], parsed.sampling, "prompt")
             routing = parse_routing_overrides(body)
         except TandemError as exc:
             self._count_rejected(endpoint, stream, exc)
             raise
-        generation = GenerationRequest(request[REQUEST_ID], prompt_ids, parsed.sampling, endpoint, parsed.stream,
-                                       routing)
+        n = parsed.n
+        # Choice i*n + j is choice j of prompt i, as OpenAI orders a batch's choices.
+        generations = [g for i, ids in enumerate(batch) for g in _choices(GenerationRequest(
+            request[REQUEST_ID] if len(batch) == 1 else f"{request[REQUEST_ID]}-p{i}", ids, parsed.sampling,
+            endpoint, parsed.stream, routing), n)]
         header = self._header("cmpl-", request[REQUEST_ID])
         wants_logprobs = parsed.sampling.logprobs is not None
-        generations = _choices(generation, parsed.n)
+
+        def echo_of(index: int) -> str:
+            return echoed[index // n] if parsed.echo else ""
+
         if not parsed.stream:
             results = await self._collect_all(generations)
             choices = []
-            for r in results:
+            for index, r in enumerate(results):
                 logprobs = None
                 if wants_logprobs:
-                    offset = len(echoed) if parsed.echo else 0
-                    logprobs = responses.completion_logprobs(r.logprobs, self._token_text, offset)
+                    logprobs = responses.completion_logprobs(r.logprobs, self._token_text, len(echo_of(index)))
                     if parsed.echo:
                         logprobs = responses.prepend_prompt_logprobs(
-                            prompt_ids, r.prompt_logprobs, self._token_text, logprobs)
-                choices.append(responses.completion(header, echoed + r.text, r.last.finish_reason, _usage(r.last),
-                                                    logprobs))
-            return self._json(request, _merge_choices(choices, _total_usage([r.last for r in results])))
+                            batch[index // n], r.prompt_logprobs, self._token_text, logprobs)
+                choices.append(responses.completion(header, echo_of(index) + r.text, r.last.finish_reason,
+                                                    _usage(r.last), logprobs))
+            return self._json(request, _merge_choices(choices, _total_usage([r.last for r in results], n)))
         pending = [_PendingLogprobs() for _ in generations]
 
         def chunks(output: RequestOutput, first: bool, index: int) -> list[dict[str, Any]]:
@@ -189,16 +196,16 @@ class OpenAIHttpApi:
             logprobs = None
             if wants_logprobs:
                 if echo:
-                    waiting.text_offset = len(echoed)
+                    waiting.text_offset = len(echo_of(index))
                 logprobs = responses.completion_logprobs(waiting.take(), self._token_text, waiting.text_offset)
                 waiting.text_offset += len(output.text)
                 if echo:
                     logprobs = responses.prepend_prompt_logprobs(
-                        prompt_ids, output.prompt_logprobs or [], self._token_text, logprobs)
-            text = echoed + output.text if echo else output.text
+                        batch[index // n], output.prompt_logprobs or [], self._token_text, logprobs)
+            text = echo_of(index) + output.text if echo else output.text
             return [responses.completion_chunk(header, text, output.finish_reason, parsed.include_usage, logprobs)]
 
-        return await self._stream(request, generations, chunks, "text_completion", header, parsed.include_usage)
+        return await self._stream(request, generations, chunks, "text_completion", header, parsed.include_usage, n)
 
     async def _collect(self, generation: GenerationRequest) -> _Collected:
         texts: list[str] = []
@@ -258,7 +265,7 @@ class OpenAIHttpApi:
     async def _stream(
         self, request: web.Request, generations: list[GenerationRequest],
         chunks: Callable[[RequestOutput, bool, int], list[dict[str, Any]]],
-        object_name: str, header: responses.ResponseHeader, include_usage: bool,
+        object_name: str, header: responses.ResponseHeader, include_usage: bool, choices_per_prompt: int,
     ) -> web.StreamResponse:
         async with aclosing(self._outputs(generations)) as outputs:
             # Wait for the first output before sending headers, so that "no worker" or "queue
@@ -272,7 +279,7 @@ class OpenAIHttpApi:
                 REQUEST_ID_HEADER: request[REQUEST_ID],
             })
             started: set[int] = set()
-            finals: list[RequestOutput] = []
+            finals: dict[int, RequestOutput] = {}  # by choice index
             try:
                 await response.prepare(request)
                 while True:
@@ -281,13 +288,13 @@ class OpenAIHttpApi:
                         await response.write(sse.encode_event(chunk))
                     started.add(index)
                     if output.finished:
-                        finals.append(output)
+                        finals[index] = output
                         if len(finals) == len(generations):
                             break
                     index, output = await anext(outputs)
                 if include_usage:
                     await response.write(sse.encode_event(responses.usage_chunk(header, object_name,
-                                                                                _total_usage(finals))))
+                                                                                _total_usage([finals[i] for i in sorted(finals)], choices_per_prompt))))
             except TandemError as exc:
                 # Headers are gone: report the failure in-band, as OpenAI-compatible servers do.
                 log.warning("stream failed", error=exc.message, code=exc.code)
@@ -387,10 +394,12 @@ def _usage(output: RequestOutput) -> responses.Usage:
     return responses.Usage(output.num_prompt_tokens, output.num_output_tokens, output.num_cached_tokens)
 
 
-def _total_usage(finals: list[RequestOutput]) -> responses.Usage:
-    """One prompt (as OpenAI counts it for n choices), every choice's completion tokens."""
-    return responses.Usage(finals[0].num_prompt_tokens, sum(o.num_output_tokens for o in finals),
-                           finals[0].num_cached_tokens)
+def _total_usage(finals: list[RequestOutput], choices_per_prompt: int) -> responses.Usage:
+    """Every prompt once (as OpenAI counts a prompt with n choices), every choice's completion tokens;
+    ``finals`` in choice order, ``choices_per_prompt`` of them for each prompt."""
+    firsts = finals[::choices_per_prompt]
+    return responses.Usage(sum(o.num_prompt_tokens for o in firsts), sum(o.num_output_tokens for o in finals),
+                           sum(o.num_cached_tokens for o in firsts))
 
 
 def _choices(generation: GenerationRequest, n: int) -> list[GenerationRequest]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.frontend.messages import normalise_messages
@@ -14,6 +14,7 @@ from tandem.errors import InvalidRequest
 
 MAX_TEMPERATURE = 2.0  # OpenAI's upper bound
 MAX_CHOICES = 16  # n: choices per request
+MAX_BATCH_CHOICES = 64  # completions: prompts in one request times n
 
 
 @dataclass(slots=True)
@@ -30,13 +31,14 @@ class ChatCompletionRequest:
 @dataclass(slots=True)
 class CompletionRequest:
     model: str | None
-    prompt: str | list[int]
+    prompt: str | list[int]  # the first of ``prompts``
     sampling: SamplingParams
     stream: bool
     include_usage: bool
     user: str | None
     n: int = 1
     echo: bool = False  # the prompt goes first in the text (and its logprobs first in logprobs)
+    prompts: list[str | list[int]] = field(default_factory=list)  # a batch: n choices for each, in order
 
 
 @dataclass(slots=True)
@@ -98,15 +100,20 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     sampling = parse_sampling(body, chat=False)
     if echo and sampling.logprobs is not None:  # how likelihood is scored: each prompt token's logprob too
         sampling = dataclasses.replace(sampling, prompt_logprobs=sampling.logprobs)
+    prompts, n = _parse_prompts(body.get("prompt")), _parse_n(body)
+    if len(prompts) * n > MAX_BATCH_CHOICES:
+        raise InvalidRequest(f"{len(prompts)} prompts x n={n} makes {len(prompts) * n} choices; at most "
+                             f"{MAX_BATCH_CHOICES} in one request", "prompt")
     return CompletionRequest(
         model=_optional(body, "model", str),
-        prompt=_parse_prompt(body.get("prompt")),
+        prompt=prompts[0],
         sampling=sampling,
         stream=stream,
         include_usage=include_usage,
         user=_optional(body, "user", str),
-        n=_parse_n(body),
+        n=n,
         echo=echo,
+        prompts=prompts,
     )
 
 
@@ -236,24 +243,19 @@ def _parse_stream(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, include_usage and stream
 
 
-def _parse_prompt(prompt: Any) -> str | list[int]:
-    """A string, a list of one string, or a list of token ids (one prompt per request)."""
+def _parse_prompts(prompt: Any) -> list[str | list[int]]:
+    """A string, a list of token ids, or a batch: a list of strings or of token id lists."""
     if isinstance(prompt, str):
-        return prompt
+        return [prompt]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(item, str) for item in prompt):
-            if len(prompt) != 1:
-                raise InvalidRequest(f"prompt must hold one string, got {len(prompt)} (batches are not supported)",
-                                     "prompt")
-            return str(prompt[0])
-        if isinstance(prompt[0], list):
-            if len(prompt) != 1:
-                raise InvalidRequest("prompt must hold one token id list (batches are not supported)", "prompt")
-            prompt = prompt[0]
-        return _parse_token_ids(prompt, "prompt", allow_empty=False)
+            return [str(item) for item in prompt]
+        if all(isinstance(item, list) for item in prompt):
+            return [_parse_token_ids(item, "prompt", allow_empty=False) for item in prompt]
+        return [_parse_token_ids(prompt, "prompt", allow_empty=False)]
     if prompt is None:
         raise InvalidRequest("prompt is required", "prompt")
-    raise InvalidRequest("prompt must be a string, a list of one string or a list of token ids", "prompt")
+    raise InvalidRequest("prompt must be a string, a list of token ids, or a list of either (a batch)", "prompt")
 
 
 def _parse_stop(stop: Any) -> list[str]:

@@ -204,6 +204,35 @@ def test_echo_scores_the_prompt_as_likelihood_evaluations_ask(client: Any, mesh:
     _wait_until(lambda: mesh.worker_stats().load.num_kv_blocks_used == 0, 10, "the KV pool to empty")
 
 
+def test_a_batch_of_prompts_gets_n_choices_each_in_order(client: Any, mesh: Mesh, tokenizer: Any) -> None:
+    model = mesh.frontend.model_name
+    prompts = ["The capital of France is", "1, 2, 3, 4,"]
+    alone = [client.completions.create(model=model, prompt=p, max_tokens=4, temperature=0).choices[0].text
+             for p in prompts]
+    batch = client.completions.create(model=model, prompt=prompts, max_tokens=4, temperature=0, n=2)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert [c.text for c in batch.choices] == [alone[0], alone[0], alone[1], alone[1]]  # greedy: n alike
+    assert batch.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)  # each prompt once
+    assert batch.usage.completion_tokens == 4 * 4
+    streamed = list(client.completions.create(model=model, prompt=prompts, max_tokens=4, temperature=0, n=2,
+                                              stream=True, stream_options={"include_usage": True}))
+    texts = ["", "", "", ""]
+    for chunk in streamed[:-1]:
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == [c.text for c in batch.choices]
+    assert streamed[-1].usage.prompt_tokens == batch.usage.prompt_tokens
+    # As lm-evaluation-harness batches its scoring requests: token id lists, echo, logprobs.
+    ids = [tokenizer.encode(p) for p in prompts]
+    scored = client.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    for choice, prompt, prompt_ids in zip(scored.choices, prompts, ids, strict=True):
+        assert choice.text.startswith(prompt)
+        assert len(choice.logprobs.token_logprobs) == len(prompt_ids) + 1 and choice.logprobs.token_logprobs[0] is None
+    refused = httpx.post(f"{mesh.base_url}/v1/completions",
+                         json={"model": model, "prompt": ["fine", ""], "max_tokens": 2})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
+    _wait_until(lambda: mesh.worker_stats().load.num_kv_blocks_used == 0, 10, "the KV pool to empty")
+
+
 def test_tokenize_counts_what_usage_counts_and_detokenize_inverts_it(client: Any, mesh: Mesh, tokenizer: Any) -> None:
     model = mesh.frontend.model_name
     for prefix in ("", "/v1"):

@@ -75,8 +75,9 @@ COMPLETION_CASES = [
     (completion(prompt=None), "prompt"),
     ({"model": "m"}, "prompt"),
     (completion(prompt=[]), "prompt"),
-    (completion(prompt=["a", "b"]), "prompt"),
-    (completion(prompt=[[1, 2], [3]]), "prompt"),
+    (completion(prompt=["a", 1]), "prompt"),
+    (completion(prompt=[[1, 2], []]), "prompt"),
+    (completion(prompt=["a"] * 9, n=8), "prompt"),  # 72 choices: more than one request may ask for
     (completion(prompt=[1, "a"]), "prompt"),
     (completion(prompt=[1, -1]), "prompt"),
     (completion(prompt=42), "prompt"),
@@ -187,7 +188,15 @@ def test_features_not_implemented_are_refused_by_name(body: dict, field: str) ->
     ([[4, 5]], [4, 5]),
 ])
 def test_completion_prompt_shapes(prompt: Any, expected: Any) -> None:
-    assert parse_completion_request(completion(prompt=prompt)).prompt == expected
+    parsed = parse_completion_request(completion(prompt=prompt))
+    assert parsed.prompt == expected and parsed.prompts == [expected]
+
+
+def test_a_completion_batch_is_a_list_of_prompts() -> None:
+    assert parse_completion_request(completion(prompt=["a", "b"])).prompts == ["a", "b"]
+    batch = parse_completion_request(completion(prompt=[[1, 2], [3]], n=2))
+    assert batch.prompts == [[1, 2], [3]] and batch.prompt == [1, 2] and batch.n == 2
+    assert len(parse_completion_request(completion(prompt=["a"] * 8, n=8)).prompts) == 8  # 64 choices: the most
 
 
 def test_messages_are_flattened_for_the_template() -> None:
