@@ -172,16 +172,22 @@ class OpenAIHttpApi:
         def echo_of(index: int) -> str:
             return echoed[index // n] if parsed.echo else ""
 
+        def logprobs_of(index: int, entries: list[TokenLogprob], text_offset: int,
+                        prompt_scores: list[TokenLogprob] | None) -> dict[str, Any]:
+            """Choice ``index``'s logprobs object; with ``prompt_scores`` its echoed prompt's go first."""
+            logprobs = responses.completion_logprobs(entries, self._token_text, text_offset)
+            if prompt_scores is None:
+                return logprobs
+            return responses.prepend_prompt_logprobs(batch[index // n], prompt_scores, self._token_text, logprobs)
+
         if not parsed.stream:
             results = await self._collect_all(generations)
             choices = []
             for index, r in enumerate(results):
                 logprobs = None
                 if wants_logprobs:
-                    logprobs = responses.completion_logprobs(r.logprobs, self._token_text, len(echo_of(index)))
-                    if parsed.echo:
-                        logprobs = responses.prepend_prompt_logprobs(
-                            batch[index // n], r.prompt_logprobs, self._token_text, logprobs)
+                    logprobs = logprobs_of(index, r.logprobs, len(echo_of(index)),
+                                           r.prompt_logprobs if parsed.echo else None)
                 choices.append(responses.completion(header, echo_of(index) + r.text, r.last.finish_reason,
                                                     _usage(r.last), logprobs))
             return self._json(request, _merge_choices(choices, _total_usage([r.last for r in results], n)))
@@ -197,11 +203,9 @@ class OpenAIHttpApi:
             if wants_logprobs:
                 if echo:
                     waiting.text_offset = len(echo_of(index))
-                logprobs = responses.completion_logprobs(waiting.take(), self._token_text, waiting.text_offset)
+                logprobs = logprobs_of(index, waiting.take(), waiting.text_offset,
+                                       (output.prompt_logprobs or []) if echo else None)
                 waiting.text_offset += len(output.text)
-                if echo:
-                    logprobs = responses.prepend_prompt_logprobs(
-                        batch[index // n], output.prompt_logprobs or [], self._token_text, logprobs)
             text = echo_of(index) + output.text if echo else output.text
             return [responses.completion_chunk(header, text, output.finish_reason, parsed.include_usage, logprobs)]
 

@@ -137,13 +137,13 @@ def scored_logprobs(logits: torch.Tensor, targets: list[int], num_top: int) -> l
     out: list[TokenLogprob] = []
     for start in range(0, len(targets), _SCORE_SLICE_ROWS):
         rows = torch.log_softmax(logits[start : start + _SCORE_SLICE_ROWS].float(), dim=-1)
-        wanted = torch.tensor(targets[start : start + _SCORE_SLICE_ROWS], dtype=torch.long, device=rows.device)
-        values = rows.gather(1, wanted[:, None])[:, 0].tolist()
+        wanted = targets[start : start + _SCORE_SLICE_ROWS]
+        values = rows.gather(1, torch.tensor(wanted, dtype=torch.long, device=rows.device)[:, None])[:, 0].tolist()
         tops: list[tuple[tuple[int, float], ...]] = [()] * len(values)
         if num_top:
             top_values, top_ids = torch.topk(rows, num_top, dim=-1)
             tops = [tuple(zip(i, v, strict=True)) for i, v in zip(top_ids.tolist(), top_values.tolist(), strict=True)]
-        out.extend(TokenLogprob(t, v, top) for t, v, top in zip(targets[start:], values, tops, strict=False))
+        out.extend(TokenLogprob(t, v, top) for t, v, top in zip(wanted, values, tops, strict=True))
     return out
 
 
