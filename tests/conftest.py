@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import tandem  # noqa: F401 (first: in-process gRPC servers get the services' gRPC defaults)
+
 # One torch thread per test process: the suite runs on 2-core machines beside real services.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
