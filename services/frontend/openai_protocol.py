@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from services.frontend.messages import normalise_messages
@@ -31,14 +31,18 @@ class ChatCompletionRequest:
 @dataclass(slots=True)
 class CompletionRequest:
     model: str | None
-    prompt: str | list[int]  # the first of ``prompts``
+    prompts: list[str | list[int]]  # one, or a batch: n choices for each, in order
     sampling: SamplingParams
     stream: bool
     include_usage: bool
     user: str | None
     n: int = 1
     echo: bool = False  # the prompt goes first in the text (and its logprobs first in logprobs)
-    prompts: list[str | list[int]] = field(default_factory=list)  # a batch: n choices for each, in order
+
+    @property
+    def prompt(self) -> str | list[int]:
+        """The first (or only) prompt."""
+        return self.prompts[0]
 
 
 @dataclass(slots=True)
@@ -106,14 +110,13 @@ def parse_completion_request(body: Any) -> CompletionRequest:
                              f"{MAX_BATCH_CHOICES} in one request", "prompt")
     return CompletionRequest(
         model=_optional(body, "model", str),
-        prompt=prompts[0],
+        prompts=prompts,
         sampling=sampling,
         stream=stream,
         include_usage=include_usage,
         user=_optional(body, "user", str),
         n=n,
         echo=echo,
-        prompts=prompts,
     )
 
 
@@ -159,7 +162,6 @@ def parse_sampling(body: dict[str, Any], *, chat: bool) -> SamplingParams:
 # default). Any other value is refused, naming the field, so a request never silently gets less
 # than it asked for (a biased or JSON-constrained draw, a tool call, an echoed prompt).
 _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "echo": ((False,), "echo is a completions field; chat completions do not echo the messages"),
     "suffix": (("",), "suffix (insertion) is not supported"),
     "logit_bias": (({},), "logit_bias is not supported"),
     "tools": (([],), "tool calling is not supported"),
@@ -183,6 +185,11 @@ _NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "continue_final_message": ((False,), "continue_final_message is not supported"),
     "add_generation_prompt": ((True,), "the chat template always adds the generation prompt"),
     "chat_template": ((), "a request's own chat_template is not supported; the model's is used"),
+}
+# Chat requests also refuse these, which completions implement.
+_NOT_IMPLEMENTED_IN_CHAT: dict[str, tuple[tuple[Any, ...], str]] = {
+    "echo": ((False,), "echo is a completions field; chat completions do not echo the messages"),
+    **_NOT_IMPLEMENTED,
 }
 
 
@@ -213,9 +220,7 @@ def _parse_logprobs(body: dict[str, Any], chat: bool) -> int | None:
 
 
 def _reject_unsupported(body: dict[str, Any], chat: bool) -> None:
-    for name, (neutral, reason) in _NOT_IMPLEMENTED.items():
-        if name == "echo" and not chat:
-            continue  # completions echo the prompt
+    for name, (neutral, reason) in (_NOT_IMPLEMENTED_IN_CHAT if chat else _NOT_IMPLEMENTED).items():
         value = body.get(name)
         if value is not None and not any(value == n and type(value) is type(n) for n in neutral):
             raise InvalidRequest(f"{name}={_json_repr(value)}: {reason}; omit it or send null", name)

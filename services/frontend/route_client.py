@@ -61,9 +61,11 @@ class RouteClient:
     healthy worker, or the router cannot be reached).
     """
 
-    def __init__(self, stub: router_pb2_grpc.RouterServiceStub, router_address: str) -> None:
+    def __init__(self, stub: router_pb2_grpc.RouterServiceStub, router_address: str,
+                 max_streams: int = MAX_STREAMS) -> None:
         self._stub = stub
         self._router_address = router_address
+        self._max_streams = max_streams
         self._streams: list[_Stream] = []
         self._call_ids = itertools.count(1)
         self._next = 0  # round robin over streams when every one is writing
@@ -123,13 +125,13 @@ class RouteClient:
                 answer.exception()  # a stream that broke during the write failed this answer too: retrieved
 
     def _pick(self) -> _Stream:
-        """A stream with no write in progress; a new one while fewer than MAX_STREAMS are open; else
+        """A stream with no write in progress; a new one while fewer than max_streams are open; else
         the next in turn (the write waits there)."""
         self._streams = [s for s in self._streams if not s.call.done()]
         for stream in self._streams:
             if not stream.busy:
                 return stream
-        if len(self._streams) < MAX_STREAMS:
+        if len(self._streams) < self._max_streams:
             return self._open()
         self._next = (self._next + 1) % len(self._streams)
         return self._streams[self._next]
