@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> FrontendConfig:
                         help="requests waiting beyond that; more get 503 + Retry-After [$TANDEM_MAX_QUEUED_REQUESTS]")
     parser.add_argument("--queue-timeout-s", type=float, default=float(env("TANDEM_QUEUE_TIMEOUT_S", "30")),
                         help="longest wait in the queue [$TANDEM_QUEUE_TIMEOUT_S]")
+    parser.add_argument("--route-prediction", action=argparse.BooleanOptionalAction,
+                        default=env("TANDEM_ROUTE_PREDICTION", "1") != "0",
+                        help="start a request on the model's only worker while its Route is on the way, when "
+                             "the router said no other worker could be chosen [$TANDEM_ROUTE_PREDICTION=0 turns "
+                             "it off]")
     parser.add_argument("--retry-after-s", type=int, default=int(env("TANDEM_RETRY_AFTER_S", "1")),
                         help="Retry-After seconds on 503 answers [$TANDEM_RETRY_AFTER_S]")
     parser.add_argument("--registry", choices=("embedded", "consul"), default=env("TANDEM_REGISTRY", "embedded"),
@@ -68,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> FrontendConfig:
         max_inflight_requests=args.max_inflight_requests, max_queued_requests=args.max_queued_requests,
         queue_timeout_s=args.queue_timeout_s, registry=args.registry, consul_address=args.consul_address,
         consul_service_prefix=args.consul_service_prefix, advertise_host=args.advertise_host,
-        retry_after_s=args.retry_after_s,
+        retry_after_s=args.retry_after_s, predict_routes=args.route_prediction,
     )
 
 

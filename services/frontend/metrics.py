@@ -55,6 +55,16 @@ class FrontendMetrics:
         self.output_tokens = Counter(
             "tandem_frontend_output_tokens_total", "Generated tokens", ["model"], registry=registry,
         )
+        self.routes = Counter(
+            "tandem_frontend_routes_total",
+            "Worker choices per request attempt: asked (waited for the router's answer) or predicted (started on "
+            "the model's only worker while the Route was on its way)", ["model", "decision"], registry=registry,
+        )
+        self.route_mispredictions = Counter(
+            "tandem_frontend_route_mispredictions_total",
+            "Predicted routes whose Route answer named another worker or failed (the request stayed where it was)",
+            ["model"], registry=registry,
+        )
 
     def count_request(self, model: str, endpoint: str, request_type: str, status: str) -> None:
         """Count a request that ended without reaching the pipeline (bad input, unknown model)."""

@@ -28,7 +28,7 @@ from services.frontend.failure_detection import (
 from services.frontend.messages import normalise_messages
 from services.frontend.metrics import STATUS_CANCELLED, STATUS_SUCCESS, FrontendMetrics
 from services.frontend.migration import StreamProgress
-from services.frontend.route_client import RouteClient
+from services.frontend.route_client import RouteClient, SoleWorker
 from services.frontend.wire import finish_reason_from_proto, sampling_to_proto
 from tandem.engine.types import FinishReason, RequestOutput, SamplingParams
 from tandem.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable
@@ -97,6 +97,7 @@ class Pipeline:
         max_inflight_requests: int = 1024,
         max_queued_requests: int = 1024,
         queue_timeout_s: float = 30.0,
+        predict_routes: bool = True,
     ) -> None:
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -117,6 +118,8 @@ class Pipeline:
         self._router_channel = grpc.aio.insecure_channel(router_address, options=CHANNEL_OPTIONS)
         self._router = router_pb2_grpc.RouterServiceStub(self._router_channel)
         self._routes = RouteClient(self._router, router_address)
+        # The router's only worker for this model, when it said so: requests start there without waiting.
+        self._sole_worker = SoleWorker() if predict_routes else None
         self._reporter = FailureReporter(self._router)
         self._stalls = StallDetector(StreamWatches(stall_timeout_s, first_token_timeout_s), self.failover_metrics,
                                      self._worker_channel, stall_confirm_timeout_s)
@@ -131,6 +134,8 @@ class Pipeline:
                    **kwargs)
 
     async def close(self) -> None:
+        if self._sole_worker is not None:
+            await self._sole_worker.close()
         await self._routes.close()
         await self._reporter.close()
         for channel in [self._router_channel, *self._worker_channels.values()]:
@@ -220,7 +225,8 @@ class Pipeline:
                                               sampling=progress.worker_sampling(),
                                               num_resumed_output_tokens=progress.num_output_tokens)
             try:
-                route = await self._route(attempt, excluded_worker_ids)
+                route = self._predicted_route(attempt, excluded_worker_ids) or await self._asked_route(
+                    attempt, excluded_worker_ids)
             except Unavailable as exc:
                 if worker_full is not None:
                     self.failover_metrics.rejected_overload.labels(self.model_name, WORKERS_FULL).inc()
@@ -267,8 +273,33 @@ class Pipeline:
                     yield progress.final_output(request.request_id, finish_reason)
                     return
 
+    def _predicted_route(self, request: GenerationRequest,
+                         excluded_worker_ids: list[str]) -> router_pb2.RouteResponse | None:
+        """The model's only worker, when the router said there is one and nothing in the request could
+        make it choose another (no overrides, exclusions or resumed output); its Route goes on meanwhile."""
+        sole = self._sole_worker
+        if (sole is None or sole.route is None or excluded_worker_ids or request.routing is not None
+                or request.num_resumed_output_tokens):
+            return None
+        route = sole.route
+        mispredicted = self.metrics.route_mispredictions.labels(self.model_name)
+        sole.check(self._route(request, excluded_worker_ids), mispredicted.inc)
+        self.metrics.routes.labels(self.model_name, "predicted").inc()
+        return route
+
+    async def _asked_route(self, request: GenerationRequest,
+                           excluded_worker_ids: list[str]) -> router_pb2.RouteResponse:
+        epoch = self._sole_worker.epoch if self._sole_worker is not None else 0
+        route = await self._route(request, excluded_worker_ids)
+        self.metrics.routes.labels(self.model_name, "asked").inc()
+        if self._sole_worker is not None:
+            self._sole_worker.learn(route, epoch)
+        return route
+
     def _on_worker_failure(self, request: GenerationRequest, route: router_pb2.RouteResponse,
                            exc: WorkerStreamBroken) -> None:
+        if self._sole_worker is not None:
+            self._sole_worker.drop()
         self.failover_metrics.detection.labels(exc.kind).observe(exc.detected_after_s)
         self._reporter.report(route.worker_id, route.address, exc.kind, exc.detected_after_s, str(exc))
 

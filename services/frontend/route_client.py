@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import grpc
 import structlog
@@ -190,3 +191,75 @@ class RouteClient:
         if error.code == common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED:
             return ResourceExhausted(error.message or "every worker is at capacity", error.field or None)
         return Unavailable(f"router {self._router_address}: UNAVAILABLE: {error.message}")
+
+
+class SoleWorker:
+    """The router's word that one worker is the only one it could choose (RouteResponse.only_candidate).
+
+    While that holds, a request need not wait for its Route, which costs two hops of its time to
+    first token: it starts on that worker at once while its Route goes on in the background, so the
+    router still counts it and the answer keeps this up to date. Any answer that says otherwise, a
+    Route that fails and a worker that fails a request drop it; answers to Routes sent before a drop
+    do not bring it back.
+    """
+
+    def __init__(self) -> None:
+        self.route: router_pb2.RouteResponse | None = None
+        self.epoch = 0  # bumped on every drop
+        self._checks: set[asyncio.Task[router_pb2.RouteResponse]] = set()
+        self._closed = False
+
+    def learn(self, route: router_pb2.RouteResponse, epoch: int) -> None:
+        """Take an answer to a Route sent at ``epoch``."""
+        if epoch != self.epoch:
+            return
+        if route.only_candidate and not route.HasField("prefill"):
+            self.route = route
+        elif self.route is not None:
+            self.drop()
+
+    def drop(self) -> None:
+        self.route = None
+        self.epoch += 1
+
+    def check(self, routing: Coroutine[Any, Any, router_pb2.RouteResponse],
+              on_mispredicted: Callable[[], None]) -> None:
+        """Await, in the background, the Route of a request started on ``self.route``.
+
+        The Route starts on the loop's next turn, after the caller has opened the request's Generate
+        call: that message goes out first and reaches the worker one Route's worth of time earlier.
+        """
+        predicted, epoch = self.route, self.epoch
+        assert predicted is not None
+        asyncio.get_running_loop().call_soon(self._start, routing, predicted, epoch, on_mispredicted)
+
+    def _start(self, routing: Coroutine[Any, Any, router_pb2.RouteResponse], predicted: router_pb2.RouteResponse,
+               epoch: int, on_mispredicted: Callable[[], None]) -> None:
+        if self._closed:
+            routing.close()
+            return
+        task = asyncio.ensure_future(routing)
+        self._checks.add(task)
+
+        def done(task: asyncio.Task[router_pb2.RouteResponse]) -> None:
+            self._checks.discard(task)
+            if task.cancelled():
+                return
+            error = task.exception()
+            if error is not None or task.result().worker_id != predicted.worker_id:
+                on_mispredicted()
+                log.info("a predicted route did not hold; waiting for the router's answers again",
+                         worker_id=predicted.worker_id,
+                         answer=str(error) if error is not None else task.result().worker_id)
+                if epoch == self.epoch:
+                    self.drop()
+                return
+            self.learn(task.result(), epoch)
+
+        task.add_done_callback(done)
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in list(self._checks):
+            task.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)

@@ -180,7 +180,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._metrics.observe_decision("routed", time.perf_counter() - started)
         log.debug("routed", worker_id=worker.worker_id, score=round(decision.score, 3),
                   num_candidates=decision.num_candidates, prefill_worker_id=prefill.worker_id if prefill else None)
-        return router_pb2.RouteResponse(worker_id=worker.worker_id, address=worker.info.address, prefill=prefill)
+        return router_pb2.RouteResponse(worker_id=worker.worker_id, address=worker.info.address, prefill=prefill,
+                                        only_candidate=_only_candidate(request, worker, snapshot))
 
     @staticmethod
     def _route_context(request: router_pb2.RouteRequest, request_id: str) -> RouteContext:
@@ -314,3 +315,14 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def _snapshot(self) -> list[WorkerSnapshot]:
         workers = (self._catalogue or self._registry).snapshot()
         return self._health.apply(workers) if self._health is not None else workers
+
+
+def _only_candidate(request: router_pb2.RouteRequest, chosen: WorkerSnapshot, workers: list[WorkerSnapshot]) -> bool:
+    """Whether every request of this model without overrides or exclusions gets ``chosen`` (or no worker):
+    it is the only registered decode worker of the model, healthy or not, and no prefill worker is registered."""
+    if request.exclude_worker_ids or request.HasField("overrides"):
+        return False
+    if any(worker.info.role is WorkerRole.PREFILL for worker in workers):
+        return False
+    serving = [worker for worker in workers if not request.model or worker.info.model == request.model]
+    return len(serving) == 1 and serving[0].worker_id == chosen.worker_id

@@ -234,6 +234,11 @@ def test_frontend_metrics_after_traffic(mesh: Mesh) -> None:
     assert metric(page, "tandem_frontend_requests_total", 'endpoint="chat_completions"') > 0
     assert metric(page, "tandem_frontend_time_to_first_token_seconds_count") > 0
     assert metric(page, "tandem_frontend_output_tokens_total") > 0
+    # One decode worker and no prefill worker: after the first answer said so, requests start on it
+    # without waiting for their Route, and every background answer agreed.
+    assert metric(page, "tandem_frontend_routes_total", 'decision="asked"') >= 1
+    assert metric(page, "tandem_frontend_routes_total", 'decision="predicted"') > 0
+    assert metric(page, "tandem_frontend_route_mispredictions_total") == 0
 
 
 def test_two_workers_share_load_and_shutdown_leaves_no_process(model_path) -> None:  # type: ignore[no-untyped-def]
@@ -245,6 +250,9 @@ def test_two_workers_share_load_and_shutdown_leaves_no_process(model_path) -> No
                                                            extra_body={"ignore_eos": True}), range(6)))
         served = [metric(scrape(mesh.worker_metrics_url(i)), "tandem_worker_requests_total") for i in range(2)]
         assert all(n > 0 for n in served), served
+        page = scrape(f"{mesh.http_url}/metrics")  # two workers: every request waits for the router's choice
+        assert metric(page, "tandem_frontend_routes_total", 'decision="asked"') == 6
+        assert metric(page, "tandem_frontend_routes_total", 'decision="predicted"') == 0
         children = mesh.children()
         assert len(children) == 4
     finally:

@@ -301,3 +301,34 @@ async def test_a_stopping_router_ends_its_route_streams_at_once(router: RunningR
         await router.stop(grace_s=10)
         assert time.monotonic() - started < 2
         assert await call.read() is grpc.aio.EOF  # ended by the router: callers fall back or reopen
+
+
+async def test_only_candidate_is_set_while_one_decode_worker_could_serve_the_model(
+        stub: router_pb2_grpc.RouterServiceStub) -> None:
+    async def only_candidate(**fields: object) -> bool:
+        request = router_pb2.RouteRequest(request_id="r", model="m", token_ids=[1, 2], **fields)  # type: ignore[arg-type]
+        return (await stub.Route(request)).only_candidate
+
+    first = FakeWorker(stub, "w1")
+    await first.register()
+    await FakeWorker(stub, "other-model", model="m2").register()  # serves another model: no rival
+    assert await only_candidate()
+    # The frontend may not predict what the router would decide differently for this request.
+    assert not await only_candidate(overrides=router_pb2.RoutingOverrides(kv_overlap_weight=1.0))
+    assert not await only_candidate(exclude_worker_ids=["nobody"])
+
+    prefill = FakeWorker(stub, "p1", role=router_pb2.WORKER_ROLE_PREFILL)
+    await prefill.register()  # a long prompt could now go to a prefill worker
+    await eventually(stub, lambda ws: len(ws) == 3)
+    assert not await only_candidate()
+    prefill.hang_up()
+    await eventually(stub, lambda ws: len(ws) == 2)
+    assert await only_candidate()
+
+    second = FakeWorker(stub, "w2")
+    await second.register()
+    await eventually(stub, lambda ws: len(ws) == 3)
+    assert not await only_candidate()
+    second.hang_up()
+    await eventually(stub, lambda ws: len(ws) == 2)
+    assert await only_candidate()

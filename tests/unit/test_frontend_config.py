@@ -28,6 +28,15 @@ def test_environment_fallbacks_and_flags_winning(monkeypatch: pytest.MonkeyPatch
     assert parse_args(["--request-timeout-s", "0"]).request_timeout_s is None
 
 
+def test_route_prediction_is_on_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TANDEM_ROUTE_PREDICTION", raising=False)
+    assert parse_args([]).predict_routes
+    assert not parse_args(["--no-route-prediction"]).predict_routes
+    monkeypatch.setenv("TANDEM_ROUTE_PREDICTION", "0")
+    assert not parse_args([]).predict_routes
+    assert parse_args(["--route-prediction"]).predict_routes  # the flag wins
+
+
 @pytest.mark.parametrize(("kwargs", "name"), [
     ({"http_port": 70000}, "http_port"),
     ({"grpc_port": -1}, "grpc_port"),

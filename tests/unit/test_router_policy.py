@@ -179,3 +179,23 @@ def test_bad_policy_name_and_weight_are_named() -> None:
         build_policy("fastest")
     with pytest.raises(ValueError, match="weight for least-loaded"):
         WeightedScorer(LeastLoadedScorer(), 0.0)
+
+
+def test_only_candidate_counts_every_registered_worker_of_the_model_healthy_or_not() -> None:
+    from services.router.servicer import _only_candidate
+    from tandem.proto.router.v1 import router_pb2
+
+    def worker(worker_id: str, role: WorkerRole = WorkerRole.DECODE, model: str = "m",
+               healthy: bool = True) -> WorkerSnapshot:
+        return WorkerSnapshot(WorkerInfo(worker_id, role, f"{worker_id}:1", model), healthy=healthy)
+
+    request = router_pb2.RouteRequest(request_id="r", model="m", token_ids=[1])
+    alone, other_model = worker("a"), worker("x", model="m2")
+    assert _only_candidate(request, alone, [alone, other_model])
+    # A quarantined rival is routed around now, but may take the next request: no prediction.
+    assert not _only_candidate(request, alone, [alone, worker("b", healthy=False)])
+    assert not _only_candidate(request, alone, [alone, worker("p", WorkerRole.PREFILL, healthy=False)])
+    excluding = router_pb2.RouteRequest(request_id="r", model="m", token_ids=[1], exclude_worker_ids=["z"])
+    assert not _only_candidate(excluding, alone, [alone])
+    any_model = router_pb2.RouteRequest(request_id="r", token_ids=[1])  # no model: every worker may serve it
+    assert not _only_candidate(any_model, alone, [alone, other_model])

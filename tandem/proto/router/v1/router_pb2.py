@@ -26,19 +26,19 @@ from tandem.proto.common.v1 import common_pb2 as tandem_dot_common_dot_v1_dot_co
 from tandem.proto.worker.v1 import worker_pb2 as tandem_dot_worker_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/router/v1/router.proto\x12\x10tandem.router.v1\x1a\x1dtandem/common/v1/common.proto\x1a\x1dtandem/worker/v1/worker.proto\"\xe7\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12*\n\x04role\x18\x02 \x01(\x0e\x32\x1c.tandem.router.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1b\n\x13publishes_kv_events\x18\x07 \x01(\x08\x12\x32\n\x07process\x18\x08 \x01(\x0b\x32!.tandem.router.v1.ProcessIdentity\"J\n\x0fProcessIdentity\x12\x15\n\rpid_namespace\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x13\n\x0bstart_ticks\x18\x03 \x01(\x04\"\xc1\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x1a\n\x12\x65xclude_worker_ids\x18\x04 \x03(\t\x12\x35\n\toverrides\x18\x05 \x01(\x0b\x32\".tandem.router.v1.RoutingOverrides\x12\x14\n\x0c\x62lock_hashes\x18\x06 \x03(\x06\x12\x12\n\nblock_size\x18\x07 \x01(\r\"x\n\x10RoutingOverrides\x12\x1e\n\x11kv_overlap_weight\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0ekv_temperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x14\n\x12_kv_overlap_weightB\x11\n\x0f_kv_temperature\"c\n\rRouteResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12.\n\x07prefill\x18\x03 \x01(\x0b\x32\x1d.tandem.worker.v1.PrefillHint\"T\n\x12RouteStreamRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12-\n\x05route\x18\x02 \x01(\x0b\x32\x1e.tandem.router.v1.RouteRequest\"\x92\x01\n\x13RouteStreamResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x30\n\x05route\x18\x02 \x01(\x0b\x32\x1f.tandem.router.v1.RouteResponseH\x00\x12.\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1d.tandem.common.v1.ErrorDetailH\x00\x42\x08\n\x06result\"\xa8\x02\n\x15RegisterWorkerRequest\x12\x30\n\x08register\x18\x01 \x01(\x0b\x32\x1c.tandem.router.v1.WorkerInfoH\x00\x12,\n\x04load\x18\x02 \x01(\x0b\x32\x1c.tandem.worker.v1.WorkerLoadH\x00\x12\x33\n\tkv_events\x18\x03 \x01(\x0b\x32\x1e.tandem.router.v1.KvEventBatchH\x00\x12\x38\n\x0bkv_snapshot\x18\x04 \x01(\x0b\x32!.tandem.router.v1.KvSnapshotChunkH\x00\x12\x35\n\x08progress\x18\x05 \x01(\x0b\x32!.tandem.router.v1.RequestProgressH\x00\x42\t\n\x07message\"F\n\x16RegisterWorkerResponse\x12\x12\n\nregistered\x18\x01 \x01(\x08\x12\x18\n\x10send_kv_snapshot\x18\x02 \x01(\x08\"^\n\x07KvEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x04\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.tandem.router.v1.KvEventKind\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x06\"9\n\x0cKvEventBatch\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.tandem.router.v1.KvEvent\"L\n\x0fKvSnapshotChunk\x12\x15\n\rlast_event_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x06\x12\x0c\n\x04more\x18\x03 \x01(\x08\"P\n\x0fRequestProgress\x12\x1f\n\x17\x66irst_token_request_ids\x18\x01 \x03(\t\x12\x1c\n\x14\x66inished_request_ids\x18\x02 \x03(\t\"\x14\n\x12ListWorkersRequest\"F\n\x13ListWorkersResponse\x12/\n\x07workers\x18\x01 \x03(\x0b\x32\x1e.tandem.router.v1.WorkerStatus\"\x91\x01\n\x0cWorkerStatus\x12*\n\x04info\x18\x01 \x01(\x0b\x32\x1c.tandem.router.v1.WorkerInfo\x12*\n\x04load\x18\x02 \x01(\x0b\x32\x1c.tandem.worker.v1.WorkerLoad\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x18\n\x10unhealthy_reason\x18\x04 \x01(\t\"\x9d\x01\n\x1aReportWorkerFailureRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x31\n\x04kind\x18\x03 \x01(\x0e\x32#.tandem.router.v1.WorkerFailureKind\x12\x18\n\x10\x64\x65tected_after_s\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"2\n\x1bReportWorkerFailureResponse\x12\x13\n\x0bquarantined\x18\x01 \x01(\x08*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x01\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x02*|\n\x0bKvEventKind\x12\x1d\n\x19KV_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14KV_EVENT_KIND_STORED\x10\x01\x12\x19\n\x15KV_EVENT_KIND_REMOVED\x10\x02\x12\x19\n\x15KV_EVENT_KIND_CLEARED\x10\x03*\xa5\x01\n\x11WorkerFailureKind\x12#\n\x1fWORKER_FAILURE_KIND_UNSPECIFIED\x10\x00\x12#\n\x1fWORKER_FAILURE_KIND_UNREACHABLE\x10\x01\x12\x1f\n\x1bWORKER_FAILURE_KIND_STALLED\x10\x02\x12%\n!WORKER_FAILURE_KIND_STREAM_BROKEN\x10\x03\x32\xf2\x03\n\rRouterService\x12H\n\x05Route\x12\x1e.tandem.router.v1.RouteRequest\x1a\x1f.tandem.router.v1.RouteResponse\x12^\n\x0bRouteStream\x12$.tandem.router.v1.RouteStreamRequest\x1a%.tandem.router.v1.RouteStreamResponse(\x01\x30\x01\x12g\n\x0eRegisterWorker\x12\'.tandem.router.v1.RegisterWorkerRequest\x1a(.tandem.router.v1.RegisterWorkerResponse(\x01\x30\x01\x12Z\n\x0bListWorkers\x12$.tandem.router.v1.ListWorkersRequest\x1a%.tandem.router.v1.ListWorkersResponse\x12r\n\x13ReportWorkerFailure\x12,.tandem.router.v1.ReportWorkerFailureRequest\x1a-.tandem.router.v1.ReportWorkerFailureResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/router/v1/router.proto\x12\x10tandem.router.v1\x1a\x1dtandem/common/v1/common.proto\x1a\x1dtandem/worker/v1/worker.proto\"\xe7\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12*\n\x04role\x18\x02 \x01(\x0e\x32\x1c.tandem.router.v1.WorkerRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1b\n\x13publishes_kv_events\x18\x07 \x01(\x08\x12\x32\n\x07process\x18\x08 \x01(\x0b\x32!.tandem.router.v1.ProcessIdentity\"J\n\x0fProcessIdentity\x12\x15\n\rpid_namespace\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x13\n\x0bstart_ticks\x18\x03 \x01(\x04\"\xc1\x01\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x1a\n\x12\x65xclude_worker_ids\x18\x04 \x03(\t\x12\x35\n\toverrides\x18\x05 \x01(\x0b\x32\".tandem.router.v1.RoutingOverrides\x12\x14\n\x0c\x62lock_hashes\x18\x06 \x03(\x06\x12\x12\n\nblock_size\x18\x07 \x01(\r\"x\n\x10RoutingOverrides\x12\x1e\n\x11kv_overlap_weight\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0ekv_temperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x42\x14\n\x12_kv_overlap_weightB\x11\n\x0f_kv_temperature\"{\n\rRouteResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12.\n\x07prefill\x18\x03 \x01(\x0b\x32\x1d.tandem.worker.v1.PrefillHint\x12\x16\n\x0eonly_candidate\x18\x04 \x01(\x08\"T\n\x12RouteStreamRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12-\n\x05route\x18\x02 \x01(\x0b\x32\x1e.tandem.router.v1.RouteRequest\"\x92\x01\n\x13RouteStreamResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x30\n\x05route\x18\x02 \x01(\x0b\x32\x1f.tandem.router.v1.RouteResponseH\x00\x12.\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1d.tandem.common.v1.ErrorDetailH\x00\x42\x08\n\x06result\"\xa8\x02\n\x15RegisterWorkerRequest\x12\x30\n\x08register\x18\x01 \x01(\x0b\x32\x1c.tandem.router.v1.WorkerInfoH\x00\x12,\n\x04load\x18\x02 \x01(\x0b\x32\x1c.tandem.worker.v1.WorkerLoadH\x00\x12\x33\n\tkv_events\x18\x03 \x01(\x0b\x32\x1e.tandem.router.v1.KvEventBatchH\x00\x12\x38\n\x0bkv_snapshot\x18\x04 \x01(\x0b\x32!.tandem.router.v1.KvSnapshotChunkH\x00\x12\x35\n\x08progress\x18\x05 \x01(\x0b\x32!.tandem.router.v1.RequestProgressH\x00\x42\t\n\x07message\"F\n\x16RegisterWorkerResponse\x12\x12\n\nregistered\x18\x01 \x01(\x08\x12\x18\n\x10send_kv_snapshot\x18\x02 \x01(\x08\"^\n\x07KvEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x04\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.tandem.router.v1.KvEventKind\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x06\"9\n\x0cKvEventBatch\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.tandem.router.v1.KvEvent\"L\n\x0fKvSnapshotChunk\x12\x15\n\rlast_event_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x06\x12\x0c\n\x04more\x18\x03 \x01(\x08\"P\n\x0fRequestProgress\x12\x1f\n\x17\x66irst_token_request_ids\x18\x01 \x03(\t\x12\x1c\n\x14\x66inished_request_ids\x18\x02 \x03(\t\"\x14\n\x12ListWorkersRequest\"F\n\x13ListWorkersResponse\x12/\n\x07workers\x18\x01 \x03(\x0b\x32\x1e.tandem.router.v1.WorkerStatus\"\x91\x01\n\x0cWorkerStatus\x12*\n\x04info\x18\x01 \x01(\x0b\x32\x1c.tandem.router.v1.WorkerInfo\x12*\n\x04load\x18\x02 \x01(\x0b\x32\x1c.tandem.worker.v1.WorkerLoad\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x18\n\x10unhealthy_reason\x18\x04 \x01(\t\"\x9d\x01\n\x1aReportWorkerFailureRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x31\n\x04kind\x18\x03 \x01(\x0e\x32#.tandem.router.v1.WorkerFailureKind\x12\x18\n\x10\x64\x65tected_after_s\x18\x04 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"2\n\x1bReportWorkerFailureResponse\x12\x13\n\x0bquarantined\x18\x01 \x01(\x08*Z\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x01\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x02*|\n\x0bKvEventKind\x12\x1d\n\x19KV_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14KV_EVENT_KIND_STORED\x10\x01\x12\x19\n\x15KV_EVENT_KIND_REMOVED\x10\x02\x12\x19\n\x15KV_EVENT_KIND_CLEARED\x10\x03*\xa5\x01\n\x11WorkerFailureKind\x12#\n\x1fWORKER_FAILURE_KIND_UNSPECIFIED\x10\x00\x12#\n\x1fWORKER_FAILURE_KIND_UNREACHABLE\x10\x01\x12\x1f\n\x1bWORKER_FAILURE_KIND_STALLED\x10\x02\x12%\n!WORKER_FAILURE_KIND_STREAM_BROKEN\x10\x03\x32\xf2\x03\n\rRouterService\x12H\n\x05Route\x12\x1e.tandem.router.v1.RouteRequest\x1a\x1f.tandem.router.v1.RouteResponse\x12^\n\x0bRouteStream\x12$.tandem.router.v1.RouteStreamRequest\x1a%.tandem.router.v1.RouteStreamResponse(\x01\x30\x01\x12g\n\x0eRegisterWorker\x12\'.tandem.router.v1.RegisterWorkerRequest\x1a(.tandem.router.v1.RegisterWorkerResponse(\x01\x30\x01\x12Z\n\x0bListWorkers\x12$.tandem.router.v1.ListWorkersRequest\x1a%.tandem.router.v1.ListWorkersResponse\x12r\n\x13ReportWorkerFailure\x12,.tandem.router.v1.ReportWorkerFailureRequest\x1a-.tandem.router.v1.ReportWorkerFailureResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.router.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=2217
-  _globals['_WORKERROLE']._serialized_end=2307
-  _globals['_KVEVENTKIND']._serialized_start=2309
-  _globals['_KVEVENTKIND']._serialized_end=2433
-  _globals['_WORKERFAILUREKIND']._serialized_start=2436
-  _globals['_WORKERFAILUREKIND']._serialized_end=2601
+  _globals['_WORKERROLE']._serialized_start=2241
+  _globals['_WORKERROLE']._serialized_end=2331
+  _globals['_KVEVENTKIND']._serialized_start=2333
+  _globals['_KVEVENTKIND']._serialized_end=2457
+  _globals['_WORKERFAILUREKIND']._serialized_start=2460
+  _globals['_WORKERFAILUREKIND']._serialized_end=2625
   _globals['_WORKERINFO']._serialized_start=114
   _globals['_WORKERINFO']._serialized_end=345
   _globals['_PROCESSIDENTITY']._serialized_start=347
@@ -48,33 +48,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTINGOVERRIDES']._serialized_start=619
   _globals['_ROUTINGOVERRIDES']._serialized_end=739
   _globals['_ROUTERESPONSE']._serialized_start=741
-  _globals['_ROUTERESPONSE']._serialized_end=840
-  _globals['_ROUTESTREAMREQUEST']._serialized_start=842
-  _globals['_ROUTESTREAMREQUEST']._serialized_end=926
-  _globals['_ROUTESTREAMRESPONSE']._serialized_start=929
-  _globals['_ROUTESTREAMRESPONSE']._serialized_end=1075
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=1078
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=1374
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=1376
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=1446
-  _globals['_KVEVENT']._serialized_start=1448
-  _globals['_KVEVENT']._serialized_end=1542
-  _globals['_KVEVENTBATCH']._serialized_start=1544
-  _globals['_KVEVENTBATCH']._serialized_end=1601
-  _globals['_KVSNAPSHOTCHUNK']._serialized_start=1603
-  _globals['_KVSNAPSHOTCHUNK']._serialized_end=1679
-  _globals['_REQUESTPROGRESS']._serialized_start=1681
-  _globals['_REQUESTPROGRESS']._serialized_end=1761
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1763
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1783
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1785
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1855
-  _globals['_WORKERSTATUS']._serialized_start=1858
-  _globals['_WORKERSTATUS']._serialized_end=2003
-  _globals['_REPORTWORKERFAILUREREQUEST']._serialized_start=2006
-  _globals['_REPORTWORKERFAILUREREQUEST']._serialized_end=2163
-  _globals['_REPORTWORKERFAILURERESPONSE']._serialized_start=2165
-  _globals['_REPORTWORKERFAILURERESPONSE']._serialized_end=2215
-  _globals['_ROUTERSERVICE']._serialized_start=2604
-  _globals['_ROUTERSERVICE']._serialized_end=3102
+  _globals['_ROUTERESPONSE']._serialized_end=864
+  _globals['_ROUTESTREAMREQUEST']._serialized_start=866
+  _globals['_ROUTESTREAMREQUEST']._serialized_end=950
+  _globals['_ROUTESTREAMRESPONSE']._serialized_start=953
+  _globals['_ROUTESTREAMRESPONSE']._serialized_end=1099
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=1102
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=1398
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=1400
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=1470
+  _globals['_KVEVENT']._serialized_start=1472
+  _globals['_KVEVENT']._serialized_end=1566
+  _globals['_KVEVENTBATCH']._serialized_start=1568
+  _globals['_KVEVENTBATCH']._serialized_end=1625
+  _globals['_KVSNAPSHOTCHUNK']._serialized_start=1627
+  _globals['_KVSNAPSHOTCHUNK']._serialized_end=1703
+  _globals['_REQUESTPROGRESS']._serialized_start=1705
+  _globals['_REQUESTPROGRESS']._serialized_end=1785
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1787
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1807
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1809
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1879
+  _globals['_WORKERSTATUS']._serialized_start=1882
+  _globals['_WORKERSTATUS']._serialized_end=2027
+  _globals['_REPORTWORKERFAILUREREQUEST']._serialized_start=2030
+  _globals['_REPORTWORKERFAILUREREQUEST']._serialized_end=2187
+  _globals['_REPORTWORKERFAILURERESPONSE']._serialized_start=2189
+  _globals['_REPORTWORKERFAILURERESPONSE']._serialized_end=2239
+  _globals['_ROUTERSERVICE']._serialized_start=2628
+  _globals['_ROUTERSERVICE']._serialized_end=3126
 # @@protoc_insertion_point(module_scope)

@@ -97,14 +97,16 @@ class RoutingOverrides(_message.Message):
     def __init__(self, kv_overlap_weight: _Optional[float] = ..., kv_temperature: _Optional[float] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("worker_id", "address", "prefill")
+    __slots__ = ("worker_id", "address", "prefill", "only_candidate")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
+    ONLY_CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     prefill: _worker_pb2.PrefillHint
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., prefill: _Optional[_Union[_worker_pb2.PrefillHint, _Mapping]] = ...) -> None: ...
+    only_candidate: bool
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., prefill: _Optional[_Union[_worker_pb2.PrefillHint, _Mapping]] = ..., only_candidate: _Optional[bool] = ...) -> None: ...
 
 class RouteStreamRequest(_message.Message):
     __slots__ = ("call_id", "route")
