@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,15 @@ class RunResult:
     wall_s: float = 0.0
     step_s: float = 0.0  # forward passes of the engine (in-process) or the worker (mesh) during the run
     steps: int = 0
+
+    def note_token(self, start: float, last: float | None) -> float:
+        """A token's text arrived now: its TTFT (first) or its gap since ``last``. Returns now."""
+        now = time.perf_counter()
+        if last is None:
+            self.ttft_s.append(now - start)
+        else:
+            self.itl_s.append(now - last)
+        return now
 
 
 class StepClock:
@@ -70,46 +80,102 @@ def prompts(n: int) -> list[str]:
     return [f"Write a short story about {TOPICS[i % len(TOPICS)]} (variant {i})." for i in range(n)]
 
 
+class RawSseClient:
+    """The smallest HTTP/1.1 client that streams the frontend's SSE replies: keep-alive connections, the
+    request written in one piece, chunked bodies split into lines. A streamed request through aiohttp's
+    client costs about 1 ms more of TTFT on a 2-core host (building the request, parsing the reply):
+    that is the client's cost, not the mesh's. ``--client aiohttp`` measures with aiohttp instead."""
+
+    def __init__(self, url: str) -> None:
+        address = url.removeprefix("http://").rstrip("/")
+        self._host, _, port = address.partition(":")
+        self._port = int(port or 80)
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def lines(self, path: str, body: bytes) -> AsyncIterator[bytes]:
+        """POST ``body`` to ``path``; the reply body's lines as they arrive. Raises on a status other than 200."""
+        reader, writer = self._idle.pop() if self._idle else await asyncio.open_connection(self._host, self._port)
+        writer.write(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self._host.encode(), self._port,
+                                                          len(body), body))
+        status = await reader.readline()
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip().lower()
+        if status.split()[1:2] != [b"200"]:
+            writer.close()
+            raise RuntimeError(f"{path}: {status.decode().strip()}")
+        if headers.get("transfer-encoding") != "chunked":
+            writer.close()
+            raise RuntimeError(f"{path}: expected a chunked (streamed) reply, got headers {headers}")
+        pending = b""
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            pending += (await reader.readexactly(size + 2))[:-2]
+            *complete, pending = pending.split(b"\n")
+            for line in complete:
+                yield line
+        await reader.readline()  # the blank line after the last chunk
+        if pending:
+            yield pending
+        if headers.get("connection") == "close":
+            writer.close()
+        else:
+            self._idle.append((reader, writer))
+
+    def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()
+
+
 async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max_tokens: int,
-                   metrics_url: str | None = None, chat: bool = False) -> RunResult:
+                   metrics_url: str | None = None, chat: bool = False, client: str = "raw") -> RunResult:
     """Stream ``texts`` through the frontend's /v1/completions (``chat``: each as a user message to
-    /v1/chat/completions) with aiohttp's client: about 1 ms cheaper a streamed request than httpx on a
-    2-core host (2-3 ms of TTFT), and the client is not the mesh."""
+    /v1/chat/completions) with RawSseClient, or aiohttp's client (``client="aiohttp"``)."""
     import aiohttp
 
     result = RunResult()
     steps_before = worker_steps(metrics_url)
     sem = asyncio.Semaphore(concurrency)
+    path = f"/v1/{'chat/' if chat else ''}completions"
+    raw_client = RawSseClient(url)
+
+    async def reply_lines(session: aiohttp.ClientSession, body: dict[str, object]) -> AsyncIterator[bytes]:
+        if client == "raw":
+            async for line in raw_client.lines(path, json.dumps(body).encode()):
+                yield line
+            return
+        async with session.post(f"{url}{path}", json=body) as reply:
+            reply.raise_for_status()
+            async for line in reply.content:  # one SSE line at a time
+                yield line
 
     async def one(session: aiohttp.ClientSession, text: str) -> None:
         async with sem:
+            start = time.perf_counter()
             body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
                     **({"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text})}
-            start = time.perf_counter()
             last = None
-            async with session.post(f"{url}/v1/{'chat/' if chat else ''}completions", json=body) as reply:
-                reply.raise_for_status()
-                async for raw in reply.content:  # one SSE line at a time
-                    if not raw.startswith(b"data: {"):
-                        continue  # blank separators and data: [DONE]
-                    chunk = json.loads(raw[6:])
-                    if chunk.get("usage"):
-                        result.output_tokens += chunk["usage"]["completion_tokens"]
-                    choice = chunk["choices"][0] if chunk.get("choices") else {}
-                    if not (choice.get("delta", {}).get("content") if chat else choice.get("text")):
-                        continue  # usage, role-only or finish-only chunks carry no token text
-                    now = time.perf_counter()
-                    if last is None:
-                        result.ttft_s.append(now - start)
-                    else:
-                        result.itl_s.append(now - last)
-                    last = now
+            async for raw in reply_lines(session, body):
+                if not raw.startswith(b"data: {"):
+                    continue  # blank separators and data: [DONE]
+                chunk = json.loads(raw[6:])
+                if chunk.get("usage"):
+                    result.output_tokens += chunk["usage"]["completion_tokens"]
+                choice = chunk["choices"][0] if chunk.get("choices") else {}
+                if not (choice.get("delta", {}).get("content") if chat else choice.get("text")):
+                    continue  # usage, role-only or finish-only chunks carry no token text
+                last = result.note_token(start, last)
             result.requests += 1
 
     started = time.perf_counter()
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-        await asyncio.gather(*(one(session, t) for t in texts))
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+            await asyncio.gather(*(one(session, t) for t in texts))
+    finally:
+        raw_client.close()
     result.wall_s = time.perf_counter() - started
     steps_after = worker_steps(metrics_url)
     result.step_s, result.steps = steps_after[0] - steps_before[0], steps_after[1] - steps_before[1]
@@ -142,12 +208,7 @@ async def run_engine(engine, texts: list[str], concurrency: int, max_tokens: int
                     result.output_tokens += out.num_output_tokens
                 if not out.text:  # the frontend sends no chunk for a token without text (EOS): time alike
                     continue
-                now = time.perf_counter()
-                if last is None:
-                    result.ttft_s.append(now - start)
-                else:
-                    result.itl_s.append(now - last)
-                last = now
+                last = result.note_token(start, last)
             result.requests += 1
 
     started = time.perf_counter()
@@ -216,6 +277,8 @@ async def main() -> None:
     parser.add_argument("--chat", action="store_true",
                         help="chat completions (each prompt a user message) instead of completions: an instruct "
                              "model's first token then has text, so TTFT is one step, not two")
+    parser.add_argument("--client", choices=("raw", "aiohttp"), default="raw",
+                        help="HTTP client of the mesh runs: raw (RawSseClient, the least client cost) or aiohttp")
     args = parser.parse_args()
 
     import torch
@@ -237,7 +300,7 @@ async def main() -> None:
     try:
         texts = prompts(args.requests_per_level)
         await run_engine(engine, texts[:2], 2, 4)  # warm-up both paths
-        await run_mesh(url, model_name, texts[:2], 2, 4)
+        await run_mesh(url, model_name, texts[:2], 2, 4, client=args.client)
         for concurrency in args.concurrency:
             mesh_runs, engine_runs = [], []
             for i in range(args.runs):  # pairs, alternating which goes first
@@ -247,7 +310,7 @@ async def main() -> None:
                                                             args.chat))
                     else:
                         mesh_runs.append(await run_mesh(url, model_name, texts, concurrency, args.max_tokens,
-                                                             metrics_url, args.chat))
+                                                        metrics_url, args.chat, args.client))
             e, m = summarize(engine_runs), summarize(mesh_runs)
             for name, s in (("engine", e), ("mesh", m)):
                 rows.append([concurrency, name, *(s[k] for k in s), ""])
@@ -261,7 +324,7 @@ async def main() -> None:
             mesh_proc.wait(60)
     print(f"\n{args.requests_per_level} requests per level, {args.max_tokens} output tokens each, "
           f"{args.runs} runs (medians; ratios: medians of paired runs), {args.threads} torch thread(s), "
-          f"device {args.device}, {'chat completions' if args.chat else 'completions'}\n")
+          f"device {args.device}, {'chat completions' if args.chat else 'completions'}, {args.client} HTTP client\n")
     print(table(["conc", "path", "req/s", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
                  "step ms", "TTFT ratio spread"], rows))
 
