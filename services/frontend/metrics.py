@@ -62,7 +62,8 @@ class FrontendMetrics:
         )
         self.route_mispredictions = Counter(
             "tandem_frontend_route_mispredictions_total",
-            "Predicted routes whose Route answer named another worker or failed (the request stayed where it was)",
+            "Predicted routes whose Route answer named another worker, asked for a remote prefill, or failed "
+            "(the request stayed where it started)",
             ["model"], registry=registry,
         )
 

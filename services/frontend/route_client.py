@@ -246,15 +246,17 @@ class SoleWorker:
             if task.cancelled():
                 return
             error = task.exception()
-            if error is not None or task.result().worker_id != predicted.worker_id:
+            answer = task.result() if error is None else None
+            # The request went to the predicted worker, prefilling there: any other answer is a miss.
+            if answer is None or answer.worker_id != predicted.worker_id or answer.HasField("prefill"):
                 on_mispredicted()
                 log.info("a predicted route did not hold; waiting for the router's answers again",
-                         worker_id=predicted.worker_id,
-                         answer=str(error) if error is not None else task.result().worker_id)
+                         worker_id=predicted.worker_id, answer=str(error) if answer is None else answer.worker_id,
+                         remote_prefill=answer is not None and answer.HasField("prefill"))
                 if epoch == self.epoch:
                     self.drop()
                 return
-            self.learn(task.result(), epoch)
+            self.learn(answer, epoch)
 
         task.add_done_callback(done)
 

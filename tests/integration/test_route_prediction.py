@@ -16,7 +16,7 @@ from services.frontend.pipeline import GenerationRequest, Pipeline
 from tandem.engine.types import SamplingParams
 from tandem.errors import Unavailable
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
-from tandem.proto.worker.v1 import worker_pb2_grpc
+from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
 from tests.integration.test_frontend_pipeline import (
     MODEL,
     FakeRouter,
@@ -36,6 +36,7 @@ class ScriptedRouter(FakeRouter):
     only_candidate: bool = True
     answer_worker: str | None = None  # name this worker instead of the first one not excluded
     refuse: bool = False
+    prefill: worker_pb2.PrefillHint | None = None  # a remote prefill in every answer
     held: asyncio.Event = field(default_factory=asyncio.Event)  # answers wait while this is clear
     answered: int = 0
 
@@ -54,8 +55,10 @@ class ScriptedRouter(FakeRouter):
         if not candidates:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no healthy worker")
         worker_id, address = candidates[0]
-        only = self.only_candidate and not request.exclude_worker_ids and not request.HasField("overrides")
-        return router_pb2.RouteResponse(worker_id=worker_id, address=address, only_candidate=only)
+        only = (self.only_candidate and not request.exclude_worker_ids and not request.HasField("overrides")
+                and self.prefill is None)
+        return router_pb2.RouteResponse(worker_id=worker_id, address=address, only_candidate=only,
+                                        prefill=self.prefill)
 
 
 @dataclass
@@ -148,6 +151,16 @@ async def test_an_answer_naming_another_worker_counts_as_mispredicted_and_stops_
     assert outputs[-1].finished
     await _eventually(lambda: mesh.mispredictions() == 1)
     await _collect(mesh.pipeline, _request("r3"))
+    assert (mesh.count("asked"), mesh.count("predicted")) == (2, 1)
+
+
+async def test_an_answer_wanting_remote_prefill_counts_as_mispredicted(mesh: Mesh) -> None:
+    await _collect(mesh.pipeline, _request("r1"))
+    # A prefill worker registered: the router would have sent this prompt to it, not prefilled it here.
+    mesh.router.prefill = worker_pb2.PrefillHint(worker_id="p1", address="127.0.0.1:1", min_remote_prefill_tokens=1)
+    assert (await _collect(mesh.pipeline, _request("r2")))[-1].finished
+    await _eventually(lambda: mesh.mispredictions() == 1)
+    await _collect(mesh.pipeline, _request("r3"))  # asked, and sent on with the router's prefill hint
     assert (mesh.count("asked"), mesh.count("predicted")) == (2, 1)
 
 
