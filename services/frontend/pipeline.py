@@ -282,10 +282,12 @@ class Pipeline:
                 or request.num_resumed_output_tokens):
             return None
         route = sole.route
-        mispredicted = self.metrics.route_mispredictions.labels(self.model_name)
-        sole.check(self._route(request, excluded_worker_ids), mispredicted.inc)
+        sole.check(self._route(request, excluded_worker_ids), self._count_misprediction)
         self.metrics.routes.labels(self.model_name, "predicted").inc()
         return route
+
+    def _count_misprediction(self) -> None:
+        self.metrics.route_mispredictions.labels(self.model_name).inc()
 
     async def _asked_route(self, request: GenerationRequest,
                            excluded_worker_ids: list[str]) -> router_pb2.RouteResponse:

@@ -15,7 +15,7 @@ from services.router.disagg import PrefillSelector
 from services.router.health_watch import WorkerHealthMonitor
 from services.router.kv_feed import KvFeed
 from services.router.metrics import RouterMetrics
-from services.router.policy import NoWorkerAvailable, RouteContext, RoutingPolicy
+from services.router.policy import ModelFilter, NoWorkerAvailable, RoleFilter, RouteContext, RoutingPolicy
 from services.router.registry import (
     EmbeddedRegistry,
     WorkerInfo,
@@ -181,7 +181,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         log.debug("routed", worker_id=worker.worker_id, score=round(decision.score, 3),
                   num_candidates=decision.num_candidates, prefill_worker_id=prefill.worker_id if prefill else None)
         return router_pb2.RouteResponse(worker_id=worker.worker_id, address=worker.info.address, prefill=prefill,
-                                        only_candidate=_only_candidate(request, worker, snapshot))
+                                        only_candidate=_only_candidate(request, route_context, worker, snapshot))
 
     @staticmethod
     def _route_context(request: router_pb2.RouteRequest, request_id: str) -> RouteContext:
@@ -317,12 +317,17 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return self._health.apply(workers) if self._health is not None else workers
 
 
-def _only_candidate(request: router_pb2.RouteRequest, chosen: WorkerSnapshot, workers: list[WorkerSnapshot]) -> bool:
+def _only_candidate(request: router_pb2.RouteRequest, context: RouteContext, chosen: WorkerSnapshot,
+                    workers: list[WorkerSnapshot]) -> bool:
     """Whether every request of this model without overrides or exclusions gets ``chosen`` (or no worker):
     it is the only registered decode worker of the model, healthy or not, and no prefill worker is registered."""
     if request.exclude_worker_ids or request.HasField("overrides"):
         return False
     if any(worker.info.role is WorkerRole.PREFILL for worker in workers):
         return False
-    serving = [worker for worker in workers if not request.model or worker.info.model == request.model]
+    # The policies' own role and model filters, without health: a quarantined rival may be back next time.
+    serving = _MODEL_FILTER.filter(context, _ROLE_FILTER.filter(context, workers))
     return len(serving) == 1 and serving[0].worker_id == chosen.worker_id
+
+
+_ROLE_FILTER, _MODEL_FILTER = RoleFilter(), ModelFilter()

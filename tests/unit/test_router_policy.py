@@ -182,8 +182,14 @@ def test_bad_policy_name_and_weight_are_named() -> None:
 
 
 def test_only_candidate_counts_every_registered_worker_of_the_model_healthy_or_not() -> None:
-    from services.router.servicer import _only_candidate
+    from services.router.servicer import RouterServicer
+    from services.router.servicer import _only_candidate as only_candidate_of
     from tandem.proto.router.v1 import router_pb2
+
+    def _only_candidate(request: router_pb2.RouteRequest, chosen: WorkerSnapshot,
+                        workers: list[WorkerSnapshot]) -> bool:
+        context = RouterServicer._route_context(request, request.request_id)
+        return only_candidate_of(request, context, chosen, workers)
 
     def worker(worker_id: str, role: WorkerRole = WorkerRole.DECODE, model: str = "m",
                healthy: bool = True) -> WorkerSnapshot:
