@@ -284,31 +284,39 @@ class OpenAIHttpApi:
             })
             started: set[int] = set()
             finals: dict[int, RequestOutput] = {}  # by choice index
+            # One write per output, and one for the whole end of the stream: the events of an output
+            # (the first token's role and text; the last one's text, usage, [DONE] and the closing
+            # chunk) leave together, one send instead of up to four.
+            tail: list[bytes] = []
             try:
-                await response.prepare(request)
+                await response.prepare(request)  # aiohttp sends the headers with the first write
                 while True:
+                    events = []
                     for chunk in chunks(output, index not in started, index):
                         chunk["choices"][0]["index"] = index
-                        await response.write(sse.encode_event(chunk))
+                        events.append(sse.encode_event(chunk))
                     started.add(index)
                     if output.finished:
                         finals[index] = output
                         if len(finals) == len(generations):
+                            tail = events
                             break
+                    if events:
+                        await response.write(b"".join(events))
                     index, output = await anext(outputs)
                 if include_usage:
-                    await response.write(sse.encode_event(responses.usage_chunk(header, object_name,
-                                                                                _total_usage([finals[i] for i in sorted(finals)], choices_per_prompt))))
+                    tail.append(sse.encode_event(responses.usage_chunk(
+                        header, object_name, _total_usage([finals[i] for i in sorted(finals)], choices_per_prompt))))
             except TandemError as exc:
                 # Headers are gone: report the failure in-band, as OpenAI-compatible servers do.
                 log.warning("stream failed", error=exc.message, code=exc.code)
-                await response.write(sse.encode_event(responses.error_response(exc).body))
+                tail = [sse.encode_event(responses.error_response(exc).body)]
             except ConnectionResetError:
                 # The client went away; leaving the aclosing block cancels the worker call.
                 log.info("client disconnected mid-stream")
                 return response
-            await response.write(sse.DONE)
-            await response.write_eof()
+            tail.append(sse.DONE)
+            await response.write_eof(b"".join(tail))
             return response
 
     # -- everything else ---------------------------------------------------------------------
