@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
@@ -141,8 +142,8 @@ async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max
     path = f"/v1/{'chat/' if chat else ''}completions"
     raw_client = RawSseClient(url)
 
-    async def reply_lines(session: aiohttp.ClientSession, body: dict[str, object]) -> AsyncIterator[bytes]:
-        if client == "raw":
+    async def reply_lines(session: aiohttp.ClientSession | None, body: dict[str, object]) -> AsyncIterator[bytes]:
+        if session is None:
             async for line in raw_client.lines(path, json.dumps(body).encode()):
                 yield line
             return
@@ -151,7 +152,7 @@ async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max
             async for line in reply.content:  # one SSE line at a time
                 yield line
 
-    async def one(session: aiohttp.ClientSession, text: str) -> None:
+    async def one(session: aiohttp.ClientSession | None, text: str) -> None:
         async with sem:
             start = time.perf_counter()
             body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
@@ -172,7 +173,9 @@ async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max
 
     started = time.perf_counter()
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        # The raw client needs no aiohttp session; only --client aiohttp opens one.
+        async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) if client == "aiohttp"
+                    else contextlib.nullcontext()) as session:
             await asyncio.gather(*(one(session, t) for t in texts))
     finally:
         raw_client.close()
