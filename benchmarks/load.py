@@ -333,4 +333,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    from tandem import lifecycle
+
+    lifecycle.run(main())  # the event loop the mesh's services run (uvloop unless TANDEM_EVENT_LOOP says otherwise)

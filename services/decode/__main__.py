@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from services.decode.config import DecodeConfig, parse_args
 from services.decode.server import serve
+from tandem import lifecycle
 from tandem.lifecycle import serve_until_signal
 from tandem.telemetry.logging import configure_logging
 
@@ -21,7 +21,7 @@ def main() -> None:
     # worker's memory goes fast; torch's THP_MEM_ALLOC_ENABLE is left alone (it slowed every step).
     config = parse_args()
     try:
-        asyncio.run(run(config))
+        lifecycle.run(run(config))
     except (OSError, ValueError) as error:  # port in use, bad model directory: one line, not a traceback
         print(f"decode: {error}", file=sys.stderr)
         sys.exit(1)

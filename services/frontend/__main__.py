@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 
 import structlog
 
 from services.frontend.server import FrontendConfig, serve
+from tandem import lifecycle
 from tandem.lifecycle import serve_until_signal
 from tandem.telemetry.logging import configure_logging
 
@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a setting FrontendConfig rejected, named in the message
         print(f"frontend: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(run(config))
+    try:
+        lifecycle.run(run(config))
+    except ValueError as exc:  # TANDEM_EVENT_LOOP, named in the message
+        print(f"frontend: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from services.prefill.config import PrefillConfig, parse_args
 from services.prefill.server import serve
+from tandem import lifecycle
 from tandem.kv.transfer.tuning import keep_large_buffers_in_heap
 from tandem.lifecycle import serve_until_signal
 from tandem.telemetry.logging import configure_logging
@@ -21,7 +21,7 @@ def main() -> None:
     keep_large_buffers_in_heap()
     config = parse_args()
     try:
-        asyncio.run(run(config))
+        lifecycle.run(run(config))
     except (OSError, ValueError) as error:
         print(f"prefill: {error}", file=sys.stderr)
         sys.exit(1)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from services.router.config import RouterConfig, parse_args
 from services.router.server import serve
+from tandem import lifecycle
 from tandem.lifecycle import serve_until_signal
 from tandem.telemetry.logging import configure_logging
 
@@ -19,8 +19,8 @@ def main() -> None:
     configure_logging("router")
     config = parse_args()
     try:
-        asyncio.run(run(config))
-    except OSError as error:  # port in use and the like: one line, not a traceback
+        lifecycle.run(run(config))
+    except (OSError, ValueError) as error:  # port in use, a bad TANDEM_EVENT_LOOP: one line, not a traceback
         print(f"router: {error}", file=sys.stderr)
         sys.exit(1)
 

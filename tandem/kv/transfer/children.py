@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 import structlog
 
+from tandem import lifecycle
 from tandem.engine.types import KVLayout
 from tandem.kv.transfer.shared_pool import MappedPool, SharedPoolInfo
 from tandem.kv.transfer.tuning import keep_large_buffers_in_heap
@@ -175,7 +176,7 @@ def run_helper(name: str, serve: Callable[[MappedPool, dict[str, Any]], HelperSe
         pool.close()
 
     try:
-        asyncio.run(main())
+        lifecycle.run(main())
     except (OSError, ValueError) as error:
         print(f"{name}: {error}", file=sys.stderr)
         sys.exit(1)
