@@ -282,7 +282,9 @@ class Pipeline:
                 or request.num_resumed_output_tokens):
             return None
         route = sole.route
-        sole.check(self._route(request, excluded_worker_ids), self._count_misprediction)
+        # The check runs later (after the burst it may belong to): it gets its own (empty) exclusions,
+        # not the list a failure of this request will add to meanwhile.
+        sole.check(self._route(request, []), self._count_misprediction)
         self.metrics.routes.labels(self.model_name, "predicted").inc()
         return route
 

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from services.frontend import route_client
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.pipeline import GenerationRequest, Pipeline
 from tandem.engine.types import SamplingParams
@@ -119,7 +120,8 @@ async def test_a_request_runs_on_the_only_worker_while_its_route_is_unanswered(m
     mesh.router.held.clear()  # the router takes its time with every answer from now on
     second = await asyncio.wait_for(_collect(mesh.pipeline, _request("r2")), 5)
     assert [o.text for o in second] == ["t0", "t1", "t2"]
-    # r2 streamed all its tokens while its Route was still waiting at the router, which got it all the same.
+    # r2 streamed all its tokens before its Route was answered (or even sent); the router gets it all the same.
+    await _eventually(lambda: len(mesh.router.requests) == 2)
     assert mesh.router.answered == 1 and [r.request_id for r in mesh.router.requests] == ["r1", "r2"]
     assert mesh.worker.request_ids == ["r1", "r2"]
     mesh.router.held.set()
@@ -180,8 +182,8 @@ async def test_a_worker_failure_stops_predicting_even_when_an_older_answer_comes
     mesh.router.held.clear()
     mesh.worker.fail_before = grpc.StatusCode.UNAVAILABLE
     failing = asyncio.ensure_future(_collect(mesh.pipeline, _request("r2")))  # predicted onto w1, which fails
-    await _eventually(lambda: len(mesh.router.requests) == 3)  # the check, then the re-route excluding w1
-    assert list(mesh.router.requests[2].exclude_worker_ids) == ["w1"]
+    await _eventually(lambda: len(mesh.router.requests) == 3)  # the check and the re-route excluding w1
+    assert sorted(list(r.exclude_worker_ids) for r in mesh.router.requests[1:]) == [[], ["w1"]]
     mesh.worker.fail_before = None
     mesh.router.held.set()  # the check's answer (only_candidate, sent before the failure) arrives now
     with pytest.raises(Unavailable):
@@ -208,3 +210,37 @@ async def test_overrides_and_a_frontend_without_prediction_always_ask() -> None:
         assert built.router.requests[1].HasField("overrides")
     finally:
         await close()  # type: ignore[misc]
+
+
+async def test_a_bursts_route_checks_go_out_after_its_requests_reached_the_worker(
+        mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(route_client, "CHECK_QUIET_S", 0.3)  # longer than the burst's intake on any host
+    await _collect(mesh.pipeline, _request("r0"))  # asked: w1 is the only candidate
+    mesh.worker.delay_s = 0.05
+    burst = asyncio.ensure_future(asyncio.gather(*(_collect(mesh.pipeline, _request(f"b{i}")) for i in range(4))))
+    await _eventually(lambda: len(mesh.worker.request_ids) == 5)
+    # Every request of the burst is at the worker, and none of its Routes took the loop before that.
+    assert [r.request_id for r in mesh.router.requests] == ["r0"]
+    for outputs in await burst:
+        assert [o.text for o in outputs] == ["t0", "t1", "t2"]
+    await _eventually(lambda: mesh.router.answered == 5)  # the router counts every one all the same
+    assert sorted(r.request_id for r in mesh.router.requests[1:]) == ["b0", "b1", "b2", "b3"]
+    assert (mesh.count("asked"), mesh.count("predicted"), mesh.mispredictions()) == (1, 4, 0)
+
+
+async def test_route_checks_wait_at_most_their_limit_under_steady_arrivals(
+        mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(route_client, "CHECK_QUIET_S", 0.2)
+    monkeypatch.setattr(route_client, "CHECK_MAX_DELAY_S", 0.1)
+    await _collect(mesh.pipeline, _request("r0"))
+    running = []
+    started = time.monotonic()
+    while time.monotonic() - started < 0.6:  # a request every 20 ms: never quiet for 0.2 s
+        running.append(asyncio.ensure_future(_collect(mesh.pipeline, _request(f"s{len(running)}"))))
+        await asyncio.sleep(0.02)
+    # The first checks went out once the oldest had waited 0.1 s, while requests kept coming.
+    assert len(mesh.router.requests) > 1
+    await asyncio.gather(*running)
+    await _eventually(lambda: mesh.router.answered == 1 + len(running))
+    assert mesh.count("predicted") == len(running) and mesh.mispredictions() == 0
+
