@@ -65,6 +65,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
     fail_before: grpc.StatusCode | None = None  # abort before any token
     fail_after_first: grpc.StatusCode | None = None  # abort after one token
     error_detail: int = 0  # send FINISH_REASON_ERROR with this ErrorCode as the first message
+    linger_s: float = 0.0  # after the last token, before the call ends (the real worker's bookkeeping)
     request_ids: list[str | None] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
 
@@ -91,6 +92,7 @@ class FakeWorker(worker_pb2_grpc.WorkerServiceServicer):
                                                              completion_tokens=self.num_tokens,
                                                              cached_prompt_tokens=1))
                 yield response
+            await asyncio.sleep(self.linger_s)
         except (asyncio.CancelledError, GeneratorExit):
             # Cancelled in the sleep, or closed at a yield whose send was pending (as the real worker's
             # handler sees it, depending on where the cancellation lands).
@@ -243,6 +245,16 @@ async def test_cancelling_the_task_cancels_the_worker_call(mesh: Mesh) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     await _wait_for(lambda: mesh.worker.cancelled == ["req-cancel"])
+
+
+async def test_a_finished_request_leaves_its_worker_call_to_end_by_itself(mesh: Mesh) -> None:
+    """A cancel after the last token would race the worker's own end of the call (a reset stream both
+    ends must handle): every finished request ends normally at the worker, even one that lingers."""
+    mesh.worker.linger_s = 0.02
+    for i in range(10):
+        assert (await _collect(mesh.pipeline, _request(f"r{i}")))[-1].finished
+    await asyncio.sleep(0.1)
+    assert mesh.worker.request_ids == [f"r{i}" for i in range(10)] and mesh.worker.cancelled == []
 
 
 async def test_num_healthy_workers(mesh: Mesh) -> None:
