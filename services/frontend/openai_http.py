@@ -278,7 +278,7 @@ class OpenAIHttpApi:
                 index, output = await anext(outputs)
             except StopAsyncIteration:
                 raise TandemError("the worker stream ended without a result") from None
-            response = web.StreamResponse(headers={
+            response = sse.SseResponse(headers={
                 "Content-Type": sse.CONTENT_TYPE, "Cache-Control": "no-cache",
                 REQUEST_ID_HEADER: request[REQUEST_ID],
             })
@@ -289,7 +289,7 @@ class OpenAIHttpApi:
             # chunk) leave together, one send instead of up to four.
             tail: list[bytes] = []
             try:
-                await response.prepare(request)  # aiohttp sends the headers with the first write
+                await response.prepare(request)  # the headers leave with the first write
                 while True:
                     events = []
                     for chunk in chunks(output, index not in started, index):

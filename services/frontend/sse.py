@@ -5,8 +5,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from aiohttp import web
+
 DONE = b"data: [DONE]\n\n"
 CONTENT_TYPE = "text/event-stream"
+
+
+class SseResponse(web.StreamResponse):
+    """A streamed response whose headers leave with its first write, in one send, as aiohttp's
+    ``Response`` sends them (a ``StreamResponse`` sends them alone the moment it is prepared). A stream
+    is prepared when its first event is ready, so a separate send only delays that event."""
+
+    _send_headers_immediately = False
 
 
 def encode_event(payload: Any) -> bytes:

@@ -326,6 +326,32 @@ def test_sse_stream_ends_with_done_and_echoes_request_id(mesh: Mesh) -> None:
     assert {chunk["id"] for chunk in chunks} == {"chatcmpl-test-sse-1"}
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v2/models/{model}/generate_stream"])
+def test_stream_headers_leave_with_the_first_event(mesh: Mesh, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """One send, not two: the status line and the first token's event reach the client together."""
+    sent: list[bytes] = []
+    transport = asyncio.selector_events._SelectorSocketTransport  # the test mesh's loop is asyncio's
+    write, writelines = transport.write, transport.writelines
+
+    def record_write(self: Any, data: bytes) -> None:
+        sent.append(bytes(data))
+        write(self, data)
+
+    def record_writelines(self: Any, lines: Any) -> None:
+        lines = [bytes(line) for line in lines]
+        sent.append(b"".join(lines))
+        writelines(self, lines)
+
+    monkeypatch.setattr(transport, "write", record_write)
+    monkeypatch.setattr(transport, "writelines", record_writelines)
+    body = ({"messages": CHAT, "max_tokens": 4, "stream": True} if path.startswith("/v1")
+            else {"text_input": "Hi", "parameters": {"max_tokens": 4, "stream": True}})
+    response = httpx.post(f"{mesh.base_url}{path.format(model=mesh.frontend.model_name)}", json=body, timeout=60)
+    assert response.status_code == 200 and sse.decode_events(response.content)
+    first = next(data for data in sent if data.startswith(b"HTTP/1.1 200"))
+    assert b"\r\n\r\n" in first and b"data: {" in first.split(b"\r\n\r\n", 1)[1]
+
+
 def test_request_id_generated_when_absent(mesh: Mesh) -> None:
     response = httpx.post(f"{mesh.base_url}/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
     assert response.status_code == 200 and response.headers["x-request-id"].startswith("cmpl-")

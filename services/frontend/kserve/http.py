@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from services.frontend import sse
 from services.frontend.kserve.codec import (
     FLOAT_DATATYPES,
     INTEGER_DATATYPES,
@@ -152,8 +153,7 @@ class KServeHttp:
                 chunk = await anext(chunks)
             except TandemError as exc:
                 return error_response(exc)
-            response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                   "Cache-Control": "no-cache"})
+            response = sse.SseResponse(headers={"Content-Type": sse.CONTENT_TYPE, "Cache-Control": "no-cache"})
             await response.prepare(request)
             try:
                 await _send_event(response, self._generate_reply(chunk.tensors, request_id))
