@@ -84,28 +84,24 @@ class FailoverMetrics:
 
 @dataclass(eq=False)
 class StreamWatch:
-    """The stall timer of one worker stream; ``condemn`` fires it early."""
+    """One worker stream's watch: when its read began and its last message came, and whether its
+    worker was condemned (then its read is interrupted, or the next one refused)."""
 
     address: str
     started_s: float = field(default_factory=time.monotonic)
     last_message_s: float = 0.0
-    timer: asyncio.Timeout | None = None
-    pending: asyncio.Future[Any] | None = None  # the read in progress, kept across a false alarm
-    condemned: bool = False
+    reading_since_s: float = 0.0
+    started: bool = False  # a token came: the stall limit applies, not the first-token one
+    reader: asyncio.Task[Any] | None = None  # the task waiting in the call's read, while it waits there
+    timer: asyncio.TimerHandle | None = None
+    condemned: WorkerStreamBroken | None = None
+    closed: bool = False
 
     def __post_init__(self) -> None:
-        self.last_message_s = self.started_s
-
-    def note_message(self) -> None:
-        self.last_message_s = time.monotonic()
+        self.last_message_s = self.reading_since_s = self.started_s
 
     def silent_for_s(self) -> float:
         return time.monotonic() - self.last_message_s
-
-    def condemn(self) -> None:
-        self.condemned = True
-        if self.timer is not None and not self.timer.expired():
-            self.timer.reschedule(asyncio.get_running_loop().time())
 
 
 class StreamWatches:
@@ -122,6 +118,7 @@ class StreamWatches:
         return watch
 
     def close(self, watch: StreamWatch) -> None:
+        watch.closed = True
         watches = self._by_address.get(watch.address)
         if watches is not None:
             watches.discard(watch)
@@ -132,18 +129,18 @@ class StreamWatches:
         """Longest silence allowed now: the stall limit once tokens flow, the first-token limit before."""
         return self.stall_timeout_s if started else self.first_token_timeout_s
 
-    def condemn_worker(self, address: str, cause: StreamWatch) -> int:
-        """Fire the timers of every other stream on ``address``; returns how many."""
-        others = [watch for watch in self._by_address.get(address, ()) if watch is not cause and not watch.condemned]
-        for watch in others:
-            watch.condemn()
-        return len(others)
+    def others(self, address: str, cause: StreamWatch) -> list[StreamWatch]:
+        """The streams open on ``address`` besides ``cause`` and not yet condemned."""
+        return [watch for watch in self._by_address.get(address, ()) if watch is not cause and not watch.condemned]
 
 
 class StallDetector:
-    """Reads worker streams under their stall timers. A timer that fires moves the stream only if its
-    worker also fails a health check within ``confirm_timeout_s``: a live process answers in
-    milliseconds even when its engine is slow, and a slow worker keeps its streams."""
+    """Watches worker streams for stalls. A read waits on the call itself (no task, timeout or shield
+    of its own: those cost ~35 us a message on the frontend's loop); one timer a stream looks at it
+    once its limit could have run out. A read silent past the limit moves the stream only if its
+    worker also fails a health check within ``confirm_timeout_s`` (the read goes on meanwhile): a live
+    process answers in milliseconds even when its engine is slow, and a slow worker keeps its streams.
+    A worker that fails it is condemned: every stream on it is interrupted and migrates."""
 
     def __init__(self, watches: StreamWatches, metrics: FailoverMetrics,
                  channel_for: Callable[[str], grpc.aio.Channel], confirm_timeout_s: float) -> None:
@@ -152,46 +149,88 @@ class StallDetector:
         self._channel_for = channel_for
         self._confirm_timeout_s = confirm_timeout_s
         self._probes: dict[str, asyncio.Future[bool]] = {}
+        self._confirmations: set[asyncio.Task[None]] = set()
 
     def open(self, address: str) -> StreamWatch:
-        return self._watches.open(address)
+        watch = self._watches.open(address)
+        self._arm(watch, self._watches.limit_s(started=False))
+        return watch
 
     def close(self, watch: StreamWatch) -> None:
         self._watches.close(watch)
-        if watch.pending is not None:
-            watch.pending.cancel()
+        if watch.timer is not None:
+            watch.timer.cancel()
+            watch.timer = None
 
     async def read(self, call: Any, watch: StreamWatch, *, started: bool) -> Any:
         """The call's next response; raises WorkerStreamBroken when the worker is found hung."""
-        while True:
-            if watch.pending is None:
-                watch.pending = asyncio.ensure_future(call.read())
-            try:
-                async with asyncio.timeout(self._watches.limit_s(started)) as timer:
-                    watch.timer = timer
-                    if watch.condemned:  # condemned between two reads
-                        timer.reschedule(asyncio.get_running_loop().time())
-                    # Shielded: a timer that fires must leave the call readable, should the worker be alive.
-                    response = await asyncio.shield(watch.pending)
-                watch.pending = None
-                watch.note_message()
-                return response
-            except TimeoutError:
-                if not watch.condemned and await self._answers(watch.address):
-                    self._metrics.stall_false_alarms.inc()
-                    log.info("worker slow but alive; the stream stays", address=watch.address,
-                             silent_for_s=round(watch.silent_for_s(), 2))
-                    continue
-                silent_for_s = watch.silent_for_s()
-                if watch.condemned:  # another stream of this worker stalled first
-                    raise WorkerStreamBroken("another stream on this worker stalled", WORKER_STALLED,
-                                             silent_for_s) from None
-                num_condemned = self._watches.condemn_worker(watch.address, watch)
-                raise WorkerStreamBroken(
-                    f"no token for {silent_for_s:.1f} s and no answer to a health check; {num_condemned} other "
-                    "streams on the worker move too", STALLED, silent_for_s) from None
-            finally:
-                watch.timer = None
+        if watch.condemned is not None:
+            raise watch.condemned
+        if started and not watch.started:  # the first token came: the stall limit from now on
+            watch.started = True
+            self._arm(watch, self._watches.limit_s(started=True))
+        watch.reading_since_s = time.monotonic()
+        task = watch.reader = asyncio.current_task()
+        try:
+            response = await call.read()
+        except asyncio.CancelledError:
+            # Interrupted because the worker was condemned (which cancels the call: it is abandoned),
+            # unless this task was also cancelled for its own reasons (the client left).
+            if watch.condemned is None or task is None or task.uncancel() > 0:
+                raise
+            raise watch.condemned from None
+        finally:
+            watch.reader = None
+        watch.last_message_s = time.monotonic()
+        return response
+
+    def _arm(self, watch: StreamWatch, delay_s: float | None) -> None:
+        if watch.timer is not None:
+            watch.timer.cancel()
+            watch.timer = None
+        if delay_s is not None and not watch.closed and watch.condemned is None:
+            watch.timer = asyncio.get_running_loop().call_later(max(0.0, delay_s), self._look, watch)
+
+    def _look(self, watch: StreamWatch) -> None:
+        """The timer of ``watch``: a read still waiting past its limit gets its worker checked."""
+        watch.timer = None
+        limit_s = self._watches.limit_s(watch.started)
+        if limit_s is None or watch.closed or watch.condemned is not None:
+            return
+        waited_s = time.monotonic() - watch.reading_since_s
+        if watch.reader is None or waited_s < limit_s:  # not waiting on the worker, or not for long
+            self._arm(watch, limit_s - waited_s if watch.reader is not None else limit_s)
+            return
+        confirmation = asyncio.ensure_future(self._confirm(watch, limit_s))
+        self._confirmations.add(confirmation)
+        confirmation.add_done_callback(self._confirmations.discard)
+
+    async def _confirm(self, watch: StreamWatch, limit_s: float) -> None:
+        last_message_s = watch.last_message_s
+        alive = await self._answers(watch.address)
+        if watch.closed or watch.condemned is not None:
+            return
+        if alive or watch.last_message_s != last_message_s:  # slow but alive, or a message came meanwhile
+            if alive:
+                self._metrics.stall_false_alarms.inc()
+                log.info("worker slow but alive; the stream stays", address=watch.address,
+                         silent_for_s=round(watch.silent_for_s(), 2))
+            self._arm(watch, limit_s)
+            return
+        silent_for_s = watch.silent_for_s()
+        others = self._watches.others(watch.address, watch)
+        for other in others:
+            self._condemn(other, WorkerStreamBroken("another stream on this worker stalled", WORKER_STALLED,
+                                                    other.silent_for_s()))
+        self._condemn(watch, WorkerStreamBroken(
+            f"no token for {silent_for_s:.1f} s and no answer to a health check; {len(others)} other "
+            "streams on the worker move too", STALLED, silent_for_s))
+
+    def _condemn(self, watch: StreamWatch, broken: WorkerStreamBroken) -> None:
+        watch.condemned = broken
+        self._arm(watch, None)
+        if watch.reader is not None:  # waiting in its read: interrupted; otherwise its next read raises
+            watch.reader.cancel()
 
     async def _answers(self, address: str) -> bool:
         """Whether the worker answers a health check SERVING; one check per worker at a time."""

@@ -1,4 +1,4 @@
-"""The frontend's bounded queue and stall timers: no sockets, no real waiting."""
+"""The frontend's bounded queue: no sockets, no real waiting."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from services.frontend.admission import QUEUE_FULL, QUEUE_TIMEOUT, Admission
-from services.frontend.failure_detection import StreamWatches
 from tandem.errors import ResourceExhausted
 
 pytestmark = pytest.mark.unit
@@ -54,17 +53,3 @@ def test_settings_are_validated_by_name() -> None:
     with pytest.raises(ValueError, match="queue_timeout_s"):
         Admission(1, 1, 0)
 
-
-async def test_a_stall_condemns_every_other_stream_on_the_same_worker() -> None:
-    watches = StreamWatches(stall_timeout_s=5.0, first_token_timeout_s=None)
-    first, second, elsewhere = watches.open("w1:1"), watches.open("w1:1"), watches.open("w2:1")
-    assert watches.limit_s(started=True) == 5.0 and watches.limit_s(started=False) is None
-    with pytest.raises(TimeoutError):  # the condemned stream's read ends at the next loop turn
-        async with asyncio.timeout(None) as timer:
-            second.timer = timer
-            assert watches.condemn_worker("w1:1", cause=first) == 1
-            await asyncio.sleep(10)
-    assert second.condemned and not first.condemned and not elsewhere.condemned
-    watches.close(first)
-    watches.close(second)
-    assert watches.condemn_worker("w1:1", cause=elsewhere) == 0
