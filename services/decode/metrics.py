@@ -40,6 +40,10 @@ class DecodeMetrics:
                                        buckets=_STEP_BUCKETS_S, registry=registry)
         self.requests = Counter("tandem_worker_requests", "Generate calls by how they ended.", ["outcome"],
                                 registry=registry)
+        self.generate_streams = Gauge(
+            "tandem_worker_generate_streams",
+            "Open GenerateStream calls (each frontend keeps one, carrying all its requests to this worker).",
+            registry=registry)
         for outcome in OUTCOMES:  # export zeros so rate() works before the first of each
             self.requests.labels(outcome=outcome)
         self._last_queries = 0

@@ -53,6 +53,11 @@ def parse_args(argv: list[str] | None = None) -> FrontendConfig:
                         help="start a request on the model's only worker while its Route is on the way, when "
                              "the router said no other worker could be chosen [$TANDEM_ROUTE_PREDICTION=0 turns "
                              "it off]")
+    parser.add_argument("--worker-streams", action=argparse.BooleanOptionalAction,
+                        default=env("TANDEM_WORKER_STREAMS", "1") != "0",
+                        help="send requests to each worker over one GenerateStream, which carries a step's "
+                             "outputs for all of them in one message; off: a Generate call per request "
+                             "[$TANDEM_WORKER_STREAMS=0 turns it off]")
     parser.add_argument("--retry-after-s", type=int, default=int(env("TANDEM_RETRY_AFTER_S", "1")),
                         help="Retry-After seconds on 503 answers [$TANDEM_RETRY_AFTER_S]")
     parser.add_argument("--registry", choices=("embedded", "consul"), default=env("TANDEM_REGISTRY", "embedded"),
@@ -74,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> FrontendConfig:
         queue_timeout_s=args.queue_timeout_s, registry=args.registry, consul_address=args.consul_address,
         consul_service_prefix=args.consul_service_prefix, advertise_host=args.advertise_host,
         retry_after_s=args.retry_after_s, predict_routes=args.route_prediction,
+        worker_streams=args.worker_streams,
     )
 
 

@@ -30,6 +30,7 @@ from services.frontend.metrics import STATUS_CANCELLED, STATUS_SUCCESS, Frontend
 from services.frontend.migration import StreamProgress
 from services.frontend.route_client import RouteClient, SoleWorker
 from services.frontend.wire import finish_reason_from_proto, sampling_to_proto
+from services.frontend.worker_session import ERROR_FIELD_KEY, SessionCall, WorkerSessions
 from tandem.engine.types import FinishReason, RequestOutput, SamplingParams
 from tandem.errors import InvalidRequest, NotFound, ResourceExhausted, TandemError, Unavailable
 from tandem.grpc_server import CHANNEL_OPTIONS
@@ -46,8 +47,6 @@ KV_BLOCK_SIZE = 16  # the workers' default; the router re-hashes for workers wit
 
 # Worker failures worth another worker: the request moves there (migration), tokens and all.
 _REROUTE_CODES = {grpc.StatusCode.UNAVAILABLE: failures.UNREACHABLE, grpc.StatusCode.CANCELLED: failures.STREAM_BROKEN}
-# Trailing metadata key the decode worker names the field at fault with.
-_ERROR_FIELD_KEY = "tandem-error-field"
 _FIELD_FROM_WIRE = {"prompt_token_ids": "prompt"}
 _ERROR_FROM_DETAIL: dict[int, type[TandemError]] = {
     common_pb2.ERROR_CODE_INVALID_ARGUMENT: InvalidRequest,
@@ -98,6 +97,7 @@ class Pipeline:
         max_queued_requests: int = 1024,
         queue_timeout_s: float = 30.0,
         predict_routes: bool = True,
+        worker_streams: bool = True,
     ) -> None:
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -124,6 +124,8 @@ class Pipeline:
         self._stalls = StallDetector(StreamWatches(stall_timeout_s, first_token_timeout_s), self.failover_metrics,
                                      self._worker_channel, stall_confirm_timeout_s)
         self._worker_channels: dict[str, grpc.aio.Channel] = {}
+        # One GenerateStream to each worker carries its requests (None: a Generate call each).
+        self._sessions = WorkerSessions(self._worker_channel) if worker_streams else None
 
     @classmethod
     async def from_model_dir(cls, model_path: Path, *, model_name: str, max_model_len: int | None = None,
@@ -136,6 +138,8 @@ class Pipeline:
     async def close(self) -> None:
         if self._sole_worker is not None:
             await self._sole_worker.close()
+        if self._sessions is not None:
+            await self._sessions.close()
         await self._routes.close()
         await self._reporter.close()
         for channel in [self._router_channel, *self._worker_channels.values()]:
@@ -323,21 +327,26 @@ class Pipeline:
     async def _stream_from_worker(
         self, request: GenerationRequest, route: router_pb2.RouteResponse
     ) -> AsyncGenerator[RequestOutput, None]:
-        stub = worker_pb2_grpc.WorkerServiceStub(self._worker_channel(route.address))
-        call = stub.Generate(
-            worker_pb2.GenerateRequest(request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-                                       sampling=sampling_to_proto(request.sampling),
-                                       # The router's choice of prefill worker, when it chose remote prefill.
-                                       prefill=route.prefill if route.HasField("prefill") else None,
-                                       num_resumed_output_tokens=request.num_resumed_output_tokens),
-            metadata=_metadata(request), timeout=self.request_timeout_s,
-        )
+        message = worker_pb2.GenerateRequest(
+            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+            sampling=sampling_to_proto(request.sampling),
+            # The router's choice of prefill worker, when it chose remote prefill.
+            prefill=route.prefill if route.HasField("prefill") else None,
+            num_resumed_output_tokens=request.num_resumed_output_tokens)
+        call = self._worker_call(route.address, message, request, stream=True)
         num_output_tokens = 0
         finished = False
         watch = self._stalls.open(route.address)
         try:
             while True:
-                response = await self._stalls.read(call, watch, started=num_output_tokens > 0)
+                try:
+                    response = await self._stalls.read(call, watch, started=num_output_tokens > 0)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED or not isinstance(call, SessionCall):
+                        raise
+                    # The worker lacks GenerateStream: the request never ran there; a call of its own.
+                    call = self._worker_call(route.address, message, request, stream=False)
+                    continue
                 if response is grpc.aio.EOF:
                     break
                 if response.finish_reason == common_pb2.FINISH_REASON_ERROR:
@@ -378,6 +387,15 @@ class Pipeline:
                 call.cancel()
         raise WorkerStreamBroken("the stream ended before the request finished", failures.STREAM_BROKEN,
                                   watch.silent_for_s())
+
+    def _worker_call(self, address: str, message: worker_pb2.GenerateRequest, request: GenerationRequest,
+                     stream: bool) -> SessionCall | grpc.aio.UnaryStreamCall:
+        """The request on the worker's GenerateStream (``stream`` and the worker has it), or a Generate call."""
+        call = self._sessions.start(address, message, self.request_timeout_s) if stream and self._sessions else None
+        if call is not None:
+            return call
+        stub = worker_pb2_grpc.WorkerServiceStub(self._worker_channel(address))
+        return stub.Generate(message, metadata=_metadata(request), timeout=self.request_timeout_s)
 
     def _worker_channel(self, address: str) -> grpc.aio.Channel:
         channel = self._worker_channels.get(address)
@@ -426,7 +444,7 @@ def _error_field(exc: grpc.aio.AioRpcError) -> str | None:
     """The worker names the request field at fault in trailing metadata, as a GenerateRequest path
     ("sampling.max_tokens", "prompt_token_ids"); clients know them as "max_tokens", "prompt"."""
     for key, value in exc.trailing_metadata() or ():
-        if key == _ERROR_FIELD_KEY and isinstance(value, str) and value:
+        if key == ERROR_FIELD_KEY and isinstance(value, str) and value:
             return _FIELD_FROM_WIRE.get(value, value.removeprefix("sampling."))
     return None
 

@@ -50,6 +50,8 @@ class FrontendConfig:
     # Start a request on the model's only worker while its Route is on the way, when the router said that
     # worker is the only one it could choose (RouteResponse.only_candidate); False: always wait for the answer.
     predict_routes: bool = True
+    # One GenerateStream to each worker carries its requests (off: a Generate call per request).
+    worker_streams: bool = True
     # "consul": list this frontend in the local Consul agent (a gRPC check on grpc_port), for load
     # balancers and discovery; "embedded": no registration (frontends take no routed work).
     registry: str = "embedded"
@@ -172,7 +174,7 @@ async def serve(config: FrontendConfig, *, registry: CollectorRegistry | None = 
         migration_limit=config.migration_limit, stall_timeout_s=config.stall_timeout_s,
         first_token_timeout_s=config.first_token_timeout_s, max_inflight_requests=config.max_inflight_requests,
         max_queued_requests=config.max_queued_requests, queue_timeout_s=config.queue_timeout_s,
-        predict_routes=config.predict_routes,
+        predict_routes=config.predict_routes, worker_streams=config.worker_streams,
     )
     apis: list[FrontendApi] = [GenerationApi(pipeline), *_optional_apis(config, pipeline)]
 

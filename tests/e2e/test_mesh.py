@@ -165,6 +165,9 @@ def test_eight_concurrent_requests_share_forward_passes(mesh: Mesh) -> None:
     small = metric(page, "tandem_worker_step_batch_size_bucket", 'le="4.0"') - before
     assert steps < 8 * 32  # fewer passes than tokens: requests were batched
     assert small < steps  # some passes carried more than 4 requests
+    # All eight went over the frontend's one GenerateStream to the worker.
+    assert metric(page, "tandem_worker_generate_streams") == 1
+    assert metric(page, "tandem_worker_requests_total", 'outcome="length"') >= 8
     wait_kv_idle(mesh)
 
 

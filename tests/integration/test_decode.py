@@ -1,9 +1,11 @@
-"""A real decode worker (HFEngine, real model) on port 0 in-process, registered with an in-process router."""
+"""A real decode worker (HFEngine, real model) on port 0 in-process, registered with an in-process router:
+Generate calls, and many requests over one GenerateStream."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -182,3 +184,141 @@ async def test_registered_with_the_router_under_its_bound_port(router: RunningRo
         route = await router_stub.Route(router_pb2.RouteRequest(request_id="r", model="SmolLM2-135M-Instruct",
                                                                 token_ids=[1, 2]))
         assert route.address == worker.address
+
+
+# -- GenerateStream: many requests over one stream -------------------------------------------
+
+
+def start(stream_id: int, request: worker_pb2.GenerateRequest) -> worker_pb2.GenerateStreamRequest:
+    return worker_pb2.GenerateStreamRequest(actions=[worker_pb2.StreamAction(stream_id=stream_id, start=request)])
+
+
+def cancel(stream_id: int) -> worker_pb2.GenerateStreamRequest:
+    return worker_pb2.GenerateStreamRequest(actions=[worker_pb2.StreamAction(
+        stream_id=stream_id, cancel=worker_pb2.CancelGeneration())])
+
+
+class Collected:
+    """Outputs by stream id, as they came, and the number of outputs each message carried."""
+
+    def __init__(self) -> None:
+        self.responses: dict[int, list[worker_pb2.GenerateResponse]] = defaultdict(list)
+        self.refusals: dict[int, common_pb2.ErrorDetail] = {}
+        self.message_sizes: list[int] = []
+
+    def add(self, message: worker_pb2.GenerateStreamResponse) -> None:
+        self.message_sizes.append(len(message.outputs))
+        for output in message.outputs:
+            if output.HasField("refusal"):
+                self.refusals[output.stream_id] = output.refusal
+            else:
+                self.responses[output.stream_id].append(output.response)
+
+    def ended(self, stream_id: int) -> bool:
+        responses = self.responses.get(stream_id)
+        return stream_id in self.refusals or bool(
+            responses and responses[-1].finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED)
+
+
+async def read_until(call: Any, collected: Collected, *stream_ids: int) -> None:
+    while not all(collected.ended(i) for i in stream_ids):
+        message = await asyncio.wait_for(call.read(), 30)
+        assert message is not grpc.aio.EOF
+        collected.add(message)
+
+
+async def wait_idle(stub: worker_pb2_grpc.WorkerServiceStub, worker: DecodeWorker) -> None:
+    deadline = time.monotonic() + 5
+    while (load := (await stats(stub)).load).num_kv_blocks_used or load.num_running or worker._servicer.num_in_flight:
+        assert time.monotonic() < deadline, load
+        await asyncio.sleep(0.02)
+
+
+async def test_requests_on_one_stream_match_their_own_calls_and_share_messages(
+        stub: worker_pb2_grpc.WorkerServiceStub, tokenizer: Any) -> None:
+    prompts = [tokenizer(text)["input_ids"] for text in ("The capital of France is", "One, two,", "Hello")]
+    alone = []
+    for i, prompt in enumerate(prompts):
+        responses = [r async for r in stub.Generate(generate_request(prompt, f"alone-{i}", max_tokens=6,
+                                                                     temperature=0.0, ignore_eos=True))]
+        alone.append([t for r in responses for t in r.delta.token_ids])
+    call = stub.GenerateStream()
+    await call.write(worker_pb2.GenerateStreamRequest(actions=[
+        worker_pb2.StreamAction(stream_id=10 + i, start=generate_request(prompt, f"shared-{i}", max_tokens=6,
+                                                                          temperature=0.0, ignore_eos=True))
+        for i, prompt in enumerate(prompts)]))
+    collected = Collected()
+    await read_until(call, collected, 10, 11, 12)
+    for i in range(3):
+        responses = collected.responses[10 + i]
+        assert [t for r in responses for t in r.delta.token_ids] == alone[i]  # greedy: the same tokens
+        assert responses[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert responses[-1].usage.completion_tokens == 6
+    # The three shared each forward pass, and each step's outputs left in one message.
+    assert max(collected.message_sizes) == 3 and len(collected.message_sizes) < 3 * 6
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF  # every request ended and the caller closed: the call ends
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_a_refusal_names_the_field_and_the_stream_goes_on(stub: worker_pb2_grpc.WorkerServiceStub) -> None:
+    call = stub.GenerateStream()
+    await call.write(start(1, generate_request([1] * MAX_MODEL_LEN, "too-long", max_tokens=4)))
+    await call.write(start(2, generate_request([1, 2, 3], "bad-top-p", top_p=0.0)))
+    await call.write(start(3, generate_request([1, 2, 3], "fine", max_tokens=3, ignore_eos=True)))
+    collected = Collected()
+    await read_until(call, collected, 1, 2, 3)
+    assert collected.refusals[1].code == common_pb2.ERROR_CODE_INVALID_ARGUMENT
+    assert collected.refusals[1].field == "prompt_token_ids"
+    assert collected.refusals[1].message.startswith("prompt_token_ids: ")
+    assert (collected.refusals[2].field, collected.refusals[2].code) == ("sampling.top_p",
+                                                                         common_pb2.ERROR_CODE_INVALID_ARGUMENT)
+    assert collected.responses[3][-1].usage.completion_tokens == 3
+    call.cancel()
+
+
+async def test_a_cancel_frees_its_blocks_and_the_others_go_on(stub: worker_pb2_grpc.WorkerServiceStub,
+                                                            tokenizer: Any, worker: DecodeWorker) -> None:
+    aborted = worker.metrics.requests.labels(outcome="abort")._value.get()
+    prompt = tokenizer("Tell me a long story about a dragon.")["input_ids"]
+    call = stub.GenerateStream()
+    await call.write(start(1, generate_request(prompt, "long", temperature=0.0, ignore_eos=True)))
+    await call.write(start(2, generate_request(prompt, "short", max_tokens=12, temperature=0.0, ignore_eos=True)))
+    collected = Collected()
+    while len(collected.responses[1]) < 2:
+        collected.add(await call.read())
+    await call.write(cancel(1))
+    await read_until(call, collected, 2)
+    assert collected.responses[2][-1].usage.completion_tokens == 12
+    assert not collected.ended(1)  # nothing more is sent for a cancelled request
+    await wait_idle(stub, worker)
+    assert worker.metrics.requests.labels(outcome="abort")._value.get() == aborted + 1
+    call.cancel()
+
+
+async def test_ending_the_stream_aborts_its_requests(stub: worker_pb2_grpc.WorkerServiceStub, tokenizer: Any,
+                                                     worker: DecodeWorker) -> None:
+    prompt = tokenizer("Tell me a long story about a knight.")["input_ids"]
+    call = stub.GenerateStream()
+    for i in range(3):
+        await call.write(start(i, generate_request(prompt, f"left-{i}", temperature=0.0, ignore_eos=True)))
+    collected = Collected()
+    while sum(len(r) for r in collected.responses.values()) < 6:
+        collected.add(await call.read())
+    assert (await stats(stub)).load.num_kv_blocks_used > 0
+    call.cancel()  # the frontend went away, or its connection broke
+    await wait_idle(stub, worker)
+
+
+async def test_a_stream_id_in_use_is_refused(stub: worker_pb2_grpc.WorkerServiceStub, tokenizer: Any) -> None:
+    prompt = tokenizer("Hello")["input_ids"]
+    call = stub.GenerateStream()
+    await call.write(start(7, generate_request(prompt, "first", max_tokens=16, ignore_eos=True)))
+    await call.write(start(7, generate_request(prompt, "again", max_tokens=16, ignore_eos=True)))
+    message = await call.read()
+    refusals = [o.refusal for o in message.outputs if o.HasField("refusal")]
+    while not refusals:
+        message = await call.read()
+        refusals = [o.refusal for o in message.outputs if o.HasField("refusal")]
+    assert refusals[0].field == "stream_id" and "already running" in refusals[0].message
+    call.cancel()

@@ -37,6 +37,15 @@ def test_route_prediction_is_on_unless_turned_off(monkeypatch: pytest.MonkeyPatc
     assert parse_args(["--route-prediction"]).predict_routes  # the flag wins
 
 
+def test_worker_streams_are_on_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TANDEM_WORKER_STREAMS", raising=False)
+    assert parse_args([]).worker_streams
+    assert not parse_args(["--no-worker-streams"]).worker_streams
+    monkeypatch.setenv("TANDEM_WORKER_STREAMS", "0")
+    assert not parse_args([]).worker_streams
+    assert parse_args(["--worker-streams"]).worker_streams  # the flag wins
+
+
 @pytest.mark.parametrize(("kwargs", "name"), [
     ({"http_port": 70000}, "http_port"),
     ({"grpc_port": -1}, "grpc_port"),

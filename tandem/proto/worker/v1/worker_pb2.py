@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.proto.common.v1 import common_pb2 as tandem_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/worker/v1/worker.proto\x12\x10tandem.worker.v1\x1a\x1dtandem/common/v1/common.proto\"\xc6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12.\n\x07prefill\x18\x04 \x01(\x0b\x32\x1d.tandem.worker.v1.PrefillHint\x12!\n\x19num_resumed_output_tokens\x18\x05 \x01(\r\"T\n\x0bPrefillHint\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12!\n\x19min_remote_prefill_tokens\x18\x03 \x01(\r\"\x85\x02\n\x10GenerateResponse\x12+\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1c.tandem.common.v1.TokenDelta\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.tandem.common.v1.FinishReason\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.tandem.common.v1.Usage\x12,\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1d.tandem.common.v1.ErrorDetail\x12\x37\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1e.tandem.common.v1.TokenLogprob\"\x11\n\x0fGetStatsRequest\"\xb9\x01\n\x10GetStatsResponse\x12*\n\x04load\x18\x01 \x01(\x0b\x32\x1c.tandem.worker.v1.WorkerLoad\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12 \n\x18num_prefix_cache_queries\x18\x05 \x01(\x04\x12\x1d\n\x15num_prefix_cache_hits\x18\x06 \x01(\x04\"\x8d\x01\n\nWorkerLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x1a\n\x12num_kv_blocks_used\x18\x03 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x04 \x01(\r\x12\x1c\n\x14num_free_queue_slots\x18\x05 \x01(\r2\xb7\x01\n\rWorkerService\x12S\n\x08Generate\x12!.tandem.worker.v1.GenerateRequest\x1a\".tandem.worker.v1.GenerateResponse0\x01\x12Q\n\x08GetStats\x12!.tandem.worker.v1.GetStatsRequest\x1a\".tandem.worker.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtandem/worker/v1/worker.proto\x12\x10tandem.worker.v1\x1a\x1dtandem/common/v1/common.proto\"\xc6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .tandem.common.v1.SamplingParams\x12.\n\x07prefill\x18\x04 \x01(\x0b\x32\x1d.tandem.worker.v1.PrefillHint\x12!\n\x19num_resumed_output_tokens\x18\x05 \x01(\r\"T\n\x0bPrefillHint\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12!\n\x19min_remote_prefill_tokens\x18\x03 \x01(\r\"\x85\x02\n\x10GenerateResponse\x12+\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1c.tandem.common.v1.TokenDelta\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.tandem.common.v1.FinishReason\x12&\n\x05usage\x18\x03 \x01(\x0b\x32\x17.tandem.common.v1.Usage\x12,\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1d.tandem.common.v1.ErrorDetail\x12\x37\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1e.tandem.common.v1.TokenLogprob\"H\n\x15GenerateStreamRequest\x12/\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x1e.tandem.worker.v1.StreamAction\"\x95\x01\n\x0cStreamAction\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x32\n\x05start\x18\x02 \x01(\x0b\x32!.tandem.worker.v1.GenerateRequestH\x00\x12\x34\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\".tandem.worker.v1.CancelGenerationH\x00\x42\x08\n\x06\x61\x63tion\"\x12\n\x10\x43\x61ncelGeneration\"I\n\x16GenerateStreamResponse\x12/\n\x07outputs\x18\x01 \x03(\x0b\x32\x1e.tandem.worker.v1.StreamOutput\"\x93\x01\n\x0cStreamOutput\x12\x11\n\tstream_id\x18\x01 \x01(\x04\x12\x36\n\x08response\x18\x02 \x01(\x0b\x32\".tandem.worker.v1.GenerateResponseH\x00\x12\x30\n\x07refusal\x18\x03 \x01(\x0b\x32\x1d.tandem.common.v1.ErrorDetailH\x00\x42\x06\n\x04item\"\x11\n\x0fGetStatsRequest\"\xb9\x01\n\x10GetStatsResponse\x12*\n\x04load\x18\x01 \x01(\x0b\x32\x1c.tandem.worker.v1.WorkerLoad\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12 \n\x18num_prefix_cache_queries\x18\x05 \x01(\x04\x12\x1d\n\x15num_prefix_cache_hits\x18\x06 \x01(\x04\"\x8d\x01\n\nWorkerLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x1a\n\x12num_kv_blocks_used\x18\x03 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x04 \x01(\r\x12\x1c\n\x14num_free_queue_slots\x18\x05 \x01(\r2\xa0\x02\n\rWorkerService\x12S\n\x08Generate\x12!.tandem.worker.v1.GenerateRequest\x1a\".tandem.worker.v1.GenerateResponse0\x01\x12g\n\x0eGenerateStream\x12\'.tandem.worker.v1.GenerateStreamRequest\x1a(.tandem.worker.v1.GenerateStreamResponse(\x01\x30\x01\x12Q\n\x08GetStats\x12!.tandem.worker.v1.GetStatsRequest\x1a\".tandem.worker.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,12 +38,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLHINT']._serialized_end=367
   _globals['_GENERATERESPONSE']._serialized_start=370
   _globals['_GENERATERESPONSE']._serialized_end=631
-  _globals['_GETSTATSREQUEST']._serialized_start=633
-  _globals['_GETSTATSREQUEST']._serialized_end=650
-  _globals['_GETSTATSRESPONSE']._serialized_start=653
-  _globals['_GETSTATSRESPONSE']._serialized_end=838
-  _globals['_WORKERLOAD']._serialized_start=841
-  _globals['_WORKERLOAD']._serialized_end=982
-  _globals['_WORKERSERVICE']._serialized_start=985
-  _globals['_WORKERSERVICE']._serialized_end=1168
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=633
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=705
+  _globals['_STREAMACTION']._serialized_start=708
+  _globals['_STREAMACTION']._serialized_end=857
+  _globals['_CANCELGENERATION']._serialized_start=859
+  _globals['_CANCELGENERATION']._serialized_end=877
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=879
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=952
+  _globals['_STREAMOUTPUT']._serialized_start=955
+  _globals['_STREAMOUTPUT']._serialized_end=1102
+  _globals['_GETSTATSREQUEST']._serialized_start=1104
+  _globals['_GETSTATSREQUEST']._serialized_end=1121
+  _globals['_GETSTATSRESPONSE']._serialized_start=1124
+  _globals['_GETSTATSRESPONSE']._serialized_end=1309
+  _globals['_WORKERLOAD']._serialized_start=1312
+  _globals['_WORKERLOAD']._serialized_end=1453
+  _globals['_WORKERSERVICE']._serialized_start=1456
+  _globals['_WORKERSERVICE']._serialized_end=1744
 # @@protoc_insertion_point(module_scope)

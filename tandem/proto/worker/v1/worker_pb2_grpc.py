@@ -39,6 +39,11 @@ class WorkerServiceStub:
                 request_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.stream_stream(
+                '/tandem.worker.v1.WorkerService/GenerateStream',
+                request_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/tandem.worker.v1.WorkerService/GetStats',
                 request_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GetStatsRequest.SerializeToString,
@@ -52,6 +57,20 @@ class WorkerServiceServicer:
     def Generate(self, request, context):
         """Run one request through the engine's continuous batch. Cancelling the call
         aborts the request and frees its KV blocks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request_iterator, context):
+        """Many requests over one long-lived stream (a frontend keeps one to each worker): a request
+        starts with a message naming it by the caller's stream_id, and each response message carries
+        the outputs of one or more requests (usually all that one engine step made), so a step costs
+        the stream one write, not one per request. A request ends with a response whose finish_reason
+        is set, or with a refusal. A cancel message aborts one request and frees its KV blocks; the
+        stream's end (cancelled, broken) aborts every request on it. The worker sends its headers as
+        soon as the stream opens, and callers write nothing before them: a worker without this RPC
+        then ends the call with a clean UNIMPLEMENTED, and the caller uses Generate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,6 +90,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -105,6 +129,33 @@ class WorkerService:
             '/tandem.worker.v1.WorkerService/Generate',
             tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tandem.worker.v1.WorkerService/GenerateStream',
+            tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateStreamRequest.SerializeToString,
+            tandem_dot_worker_dot_v1_dot_worker__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
