@@ -38,8 +38,9 @@ class DecodeMetrics:
                                      buckets=_TOKEN_BUCKETS, registry=registry)
         self.step_duration = Histogram("tandem_worker_step_duration_seconds", "Time of one forward pass.",
                                        buckets=_STEP_BUCKETS_S, registry=registry)
-        self.requests = Counter("tandem_worker_requests", "Generate calls by how they ended.", ["outcome"],
-                                registry=registry)
+        self.requests = Counter("tandem_worker_requests",
+                                "Requests (Generate calls and GenerateStream requests) by how they ended.",
+                                ["outcome"], registry=registry)
         self.generate_streams = Gauge(
             "tandem_worker_generate_streams",
             "Open GenerateStream calls (each frontend keeps one, carrying all its requests to this worker).",
