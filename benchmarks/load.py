@@ -20,6 +20,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -251,17 +252,22 @@ def start_mesh(threads: int, model: Path, device: str) -> tuple[subprocess.Popen
 
     port = procs.free_port()
     worker_port = procs.free_port()  # the worker's metrics go on the next port
+    log = tempfile.TemporaryFile()  # the services' output, shown if the mesh fails to start
     proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", "--port", str(port),
                              "--grpc-port", str(procs.free_port()), "--router-port", "0",
                              "--worker-base-port", str(worker_port), "--num-threads", str(threads),
                              "--model", str(model),
                              "--device", device],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while not procs.http_ok(f"{url}/health"):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the mesh did not start")
+            proc.terminate()
+            proc.wait(60)
+            log.seek(0)
+            tail = log.read().decode(errors="replace").splitlines()[-20:]
+            raise SystemExit("the mesh did not start; the end of its output:\n" + "\n".join(tail))
         time.sleep(0.5)
     return proc, url, f"http://127.0.0.1:{worker_port + 1}/metrics"
 

@@ -106,7 +106,10 @@ def up(argv: list[str]) -> int:
         raise SystemExit("tandem up: --kv-processes must be in [0, 32]")
     from tandem.models import resolve_model
 
-    model_path = resolve_model(args.model or None)  # convert once here, not in every child
+    try:
+        model_path = resolve_model(args.model or None)  # convert once here, not in every child
+    except FileNotFoundError as exc:
+        raise SystemExit(f"tandem up: {exc}") from None
     roles = ["decode"] * args.decode_workers + ["prefill"] * args.prefill_workers
     threads = args.num_threads or max(1, (os.cpu_count() or 1) // len(roles))
     router_port = _port(args.router_port)
