@@ -21,8 +21,9 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    # An idle engine that gets a request waits up to this long (and at most 7.5% of a recent step,
-    # ending after a quiet 3 ms) for more requests to prefill in the same step; 0 turns the wait off.
+    # An idle engine that gets a request waits up to this long for more requests to prefill in the
+    # same step, ending once none came for a quiet gap (3 ms, at most 7.5% of a recent step, so a
+    # lone request pays that); 0 turns the wait off.
     batch_wait_ms: float = 8.0
 
     def __post_init__(self) -> None:

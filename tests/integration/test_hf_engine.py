@@ -200,6 +200,31 @@ async def test_requests_arriving_a_millisecond_apart_share_an_idle_engines_first
         await eng.shutdown()
 
 
+async def test_a_burst_longer_than_the_quiet_gap_still_shares_the_first_step(model_path: Path) -> None:
+    # With fast steps (a GPU's 20-40 ms) the quiet gap is short, but a burst whose requests come
+    # closer together than the gap keeps the wait going, up to batch_wait_ms.
+    steps: list[StepInfo] = []
+    eng = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=64, max_num_seqs=8,
+                                batch_wait_ms=20.0), on_step=steps.append)
+    await eng.start()
+    try:
+        ids = eng.tokenizer("Write a short story about the sea.")["input_ids"]
+        await collect(eng, "warm", ids, max_tokens=2)
+        eng._recent_step_s = 0.04  # a quiet gap of 3 ms; five arrivals 1 ms apart span 4-5 ms
+
+        async def staggered(i: int) -> None:
+            await asyncio.sleep(0.001 * i)
+            await collect(eng, f"burst-{i}", ids, max_tokens=2, temperature=0, ignore_eos=True)
+
+        steps.clear()
+        await asyncio.gather(*(staggered(i) for i in range(5)))
+        assert steps[0].num_seqs == 5 and steps[0].num_prefill_tokens == 5 * len(ids)
+        assert len(steps) == 2
+        assert_idle(eng)
+    finally:
+        await eng.shutdown()
+
+
 async def test_prefill_export_import_continues_token_identically(engine, model_path: Path) -> None:  # type: ignore[no-untyped-def]
     decode = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=128))
     await decode.start()
