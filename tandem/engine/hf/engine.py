@@ -316,9 +316,9 @@ class HFEngine(DisaggregationMixin):
         one at a time: four arrived over 3.5 ms, median, on 2 cores), and one that misses the first
         step waits a whole step for its prefill (+110 ms TTFT at concurrency 4 on 2 cores). The wait
         ends after a quiet gap (3 ms, at most 7.5% of a recent step), so a lone request pays one gap;
-        a burst keeps it going, arrival by arrival, for up to batch_wait_ms. With 20 ms steps (a GPU)
-        a whole wait capped at the gap (1.5 ms) let a burst's tail miss the first step. False on
-        shutdown.
+        a burst keeps it going, arrival by arrival, for up to batch_wait_ms. (A whole wait capped at
+        the gap, as before, is 1.5 ms with a GPU's 20 ms steps: shorter than a burst of 4 takes to
+        come through the frontend.) False on shutdown.
         """
         limit_s = self.config.batch_wait_ms / 1e3
         gap_s = min(_BATCH_WAIT_QUIET_GAP_S, _BATCH_WAIT_STEP_SHARE * self._recent_step_s, limit_s)
