@@ -4,8 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import grpc
+
 from tandem.engine.types import SamplingParams, TokenLogprob
 from tandem.proto.common.v1 import common_pb2
+
+# How a GenerateStream refusal carries the gRPC status a Generate call would have ended with: the
+# worker maps the status to the code, the frontend the code back (anything else travels as INTERNAL).
+ERROR_CODE_BY_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: common_pb2.ERROR_CODE_INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND: common_pb2.ERROR_CODE_NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE: common_pb2.ERROR_CODE_UNAVAILABLE,
+}
+STATUS_BY_ERROR_CODE = {code: status for status, code in ERROR_CODE_BY_STATUS.items()}
 
 _OPTIONAL_SAMPLING = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
                       "repetition_penalty", "logprobs", "prompt_logprobs")

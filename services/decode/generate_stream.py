@@ -19,19 +19,13 @@ import structlog
 from tandem.grpc_server import bind_request_id
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.worker.v1 import worker_pb2
+from tandem.wire import ERROR_CODE_BY_STATUS
 
 if TYPE_CHECKING:
     from services.decode.servicer import WorkerServicer
 
 log = structlog.get_logger("decode")
 
-# A refusal's gRPC status as the stream carries it (the frontend maps it back).
-_ERROR_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT: common_pb2.ERROR_CODE_INVALID_ARGUMENT,
-    grpc.StatusCode.NOT_FOUND: common_pb2.ERROR_CODE_NOT_FOUND,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED,
-    grpc.StatusCode.UNAVAILABLE: common_pb2.ERROR_CODE_UNAVAILABLE,
-}
 # A message grows to about this many bytes before the rest waits for the next one; only outputs
 # with prompt log-probabilities are large (an ordinary token's output is well under 100 bytes).
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -103,7 +97,7 @@ class GenerateSession:
                 self._queue(worker_pb2.StreamOutput(stream_id=stream_id, response=response))
         except Refused as refused:
             self._queue(worker_pb2.StreamOutput(stream_id=stream_id, refusal=common_pb2.ErrorDetail(
-                code=_ERROR_CODES.get(refused.code, common_pb2.ERROR_CODE_INTERNAL), message=refused.message,
+                code=ERROR_CODE_BY_STATUS.get(refused.code, common_pb2.ERROR_CODE_INTERNAL), message=refused.message,
                 field=refused.field)))
         except Exception as error:  # a bug: this request fails, the others on the stream go on
             log.exception("generate failed on the stream")

@@ -22,16 +22,10 @@ import structlog
 
 from tandem.proto.common.v1 import common_pb2
 from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
+from tandem.wire import STATUS_BY_ERROR_CODE
 
 log = structlog.get_logger(__name__)
 
-# A refusal's status, as the worker's Generate call would have ended (see worker.proto).
-_STATUS_CODES = {
-    common_pb2.ERROR_CODE_INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    common_pb2.ERROR_CODE_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    common_pb2.ERROR_CODE_RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    common_pb2.ERROR_CODE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-}
 ERROR_FIELD_KEY = "tandem-error-field"  # where a Generate call's trailing metadata names the bad field
 _EOF = object()
 
@@ -178,7 +172,7 @@ class WorkerSession:
                     if output.HasField("refusal"):
                         del self._calls[output.stream_id]
                         refusal = output.refusal
-                        call.deliver(rpc_error(_STATUS_CODES.get(refusal.code, grpc.StatusCode.INTERNAL),
+                        call.deliver(rpc_error(STATUS_BY_ERROR_CODE.get(refusal.code, grpc.StatusCode.INTERNAL),
                                                refusal.message, refusal.field))
                         continue
                     call.deliver(output.response)
