@@ -54,6 +54,8 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--runs", type=int, default=10, help="triples of runs")
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--model", type=Path, default=None, help="a model directory (default: SmolLM2-135M)")
+    parser.add_argument("--device", default="cpu", help="torch device of the workers and the in-process engine")
     args = parser.parse_args()
 
     import torch
@@ -63,14 +65,14 @@ async def main() -> None:
     from tandem.models import resolve_model, served_model_name
 
     torch.set_num_threads(1)
-    model_path = resolve_model(None)
+    model_path = args.model or resolve_model(None)
     model = served_model_name(model_path)
     meshes = {}
     for label, settings, directory in (("A", args.a, args.a_dir), ("B", args.b, args.b_dir)):
         with environment(settings, directory):
-            meshes[label] = start_mesh(1, model_path, "cpu")
+            meshes[label] = start_mesh(1, model_path, args.device)
     clock = StepClock()
-    engine = HFEngine(EngineConfig(model_path=model_path, num_threads=1), on_step=clock)
+    engine = HFEngine(EngineConfig(model_path=model_path, num_threads=1, device=args.device), on_step=clock)
     await engine.start()
     runs: dict[str, list[RunResult]] = {"E": [], "A": [], "B": []}
     try:
@@ -97,7 +99,7 @@ async def main() -> None:
     for top, bottom in (("A", "E"), ("B", "E"), ("B", "A")):
         rows.append([f"{top}/{bottom}", *(median([t[key] / b[key] for t, b in zip(per_run[top], per_run[bottom],
                                                                                    strict=True)]) for key in KEYS)])
-    print(f"\nconcurrency {args.concurrency}, {args.requests} chat requests of {args.max_tokens} tokens, "
+    print(f"\nconcurrency {args.concurrency}, {args.requests} chat requests of {args.max_tokens} tokens, device {args.device}, "
           f"{args.runs} triples (medians; ratios: medians of the triples' ratios)\n")
     print(table(["path", "TTFT p50 ms", "ITL p50 ms", "step ms"], rows))
 

@@ -63,6 +63,9 @@ def _up_parser() -> argparse.ArgumentParser:
                         "on BASE+2i+1; 0 picks free ports")
     parser.add_argument("--policy", default=env("TANDEM_ROUTER_POLICY", "least-loaded"))
     parser.add_argument("--device", default=env("TANDEM_DEVICE", "cpu"), help="workers' torch device (cpu, cuda)")
+    parser.add_argument("--engine-process", action="store_true", default=env("TANDEM_ENGINE_PROCESS", "0") == "1",
+                        help="each decode worker runs its engine in a child process, apart from its gRPC threads "
+                             "(no KV from prefill workers, no KV events)")
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--num-threads", type=int, default=None,
@@ -104,6 +107,10 @@ def up(argv: list[str]) -> int:
         raise SystemExit("tandem up: --prefill-workers must be at least 0")
     if not 0 <= args.kv_processes <= 32:
         raise SystemExit("tandem up: --kv-processes must be in [0, 32]")
+    if args.engine_process and (args.prefill_workers or args.kv_processes or args.policy == "kv"):
+        raise SystemExit("tandem up: --engine-process keeps the KV pool in the engine's own process, so it does not "
+                         "go with --prefill-workers, --kv-processes or --policy kv (which need the pool or its "
+                         "events in the worker)")
     from tandem.models import resolve_model
 
     try:
@@ -152,6 +159,8 @@ def up(argv: list[str]) -> int:
                 worker_args += ["--num-kv-blocks", str(args.num_kv_blocks)]
             if args.max_num_seqs:
                 worker_args += ["--max-num-seqs", str(args.max_num_seqs)]
+            if args.engine_process and role == "decode":
+                worker_args += ["--engine-process", "1"]
             worker_names.append(name)
             mesh.workers.append(procs.spawn(role, worker_args))
         mesh.frontend = procs.spawn("frontend", [

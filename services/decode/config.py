@@ -40,6 +40,7 @@ class DecodeConfig:
     device: str = "cpu"
     dtype: str = "float32"
     batch_wait_ms: float = 8.0
+    engine_process: bool = False  # the engine in a child process (tandem.engine.process); not for KV import
     # Disaggregation: pulling KV from prefill workers (see tandem.kv.transfer.pull.PullSettings).
     kv_transport: str = "auto"  # auto: shared memory when the prefill worker is on this host, else gRPC
     kv_streams: int = 2  # parallel PullKv streams per transfer (gRPC)
@@ -84,6 +85,9 @@ class DecodeConfig:
         self.pull_settings()
         if not 0 <= self.kv_pull_processes <= 32:
             raise bad("kv_pull_processes", f"must be in [0, 32], got {self.kv_pull_processes}")
+        if self.engine_process and self.kv_pull_processes:
+            raise bad("engine_process", "pull helpers write into the engine's KV pool, which an engine process "
+                                        "does not share: set kv_pull_processes to 0 or engine_process to 0")
         if self.registry not in REGISTRIES:
             raise bad("registry", f"{self.registry!r} is not one of {', '.join(REGISTRIES)}")
         if self.registry == "consul":
@@ -109,8 +113,17 @@ class DecodeConfig:
             num_kv_blocks=self.num_kv_blocks, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_queue_len=self.max_queue_len,
             max_model_len=self.max_model_len, device=self.device, dtype=self.dtype, num_threads=self.num_threads,
-            batch_wait_ms=self.batch_wait_ms,
+            batch_wait_ms=self.batch_wait_ms, own_process=self.engine_process,
         )
+
+
+def _on_off(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1 or 0, got {text!r}")
 
 
 def _optional_int(text: str) -> int | None:
@@ -139,6 +152,7 @@ _FLAGS: dict[str, tuple[str, type | object]] = {
     "--device": ("TANDEM_DEVICE", str),
     "--dtype": ("TANDEM_DTYPE", str),
     "--batch-wait-ms": ("TANDEM_BATCH_WAIT_MS", float),
+    "--engine-process": ("TANDEM_ENGINE_PROCESS", _on_off),
     "--kv-transport": ("TANDEM_KV_TRANSPORT", str),
     "--kv-streams": ("TANDEM_KV_STREAMS", int),
     "--kv-chunk-bytes": ("TANDEM_KV_CHUNK_BYTES", int),
@@ -166,6 +180,8 @@ _HELP = {
     "--num-threads": "torch intra-op threads; default torch's",
     "--batch-wait-ms": "an idle engine waits up to this long (at most 7.5%% of a recent step) for more requests "
                        "to prefill together; 0: never",
+    "--engine-process": "1: the engine runs in a child process, its forward passes apart from this process's "
+                        "gRPC threads (no KV from prefill workers, no KV events)",
     "--kv-transport": f"how KV comes from prefill workers: {', '.join(KV_TRANSPORTS)} (auto: shm on the same host)",
     "--kv-streams": "parallel PullKv streams per transfer",
     "--kv-chunk-bytes": "KV chunk size bound (under gRPC's 4 MiB message limit)",

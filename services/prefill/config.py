@@ -26,6 +26,9 @@ class PrefillConfig(DecodeConfig):
     def __post_init__(self) -> None:
         # Explicit base call: zero-argument super() does not work in slotted dataclasses.
         DecodeConfig.__post_init__(self)
+        if self.engine_process:
+            raise ValueError("invalid prefill setting engine_process: a prefill worker exports KV from its engine's "
+                             "pool, which an engine process does not share")
         if self.kv_transport not in PREFILL_TRANSPORTS:
             raise ValueError(f"invalid prefill setting kv_transport: {self.kv_transport!r} is not one of "
                              f"{', '.join(PREFILL_TRANSPORTS)}")
@@ -44,7 +47,7 @@ class PrefillConfig(DecodeConfig):
 
 # The decode worker's flags minus the pulling side's, plus the prefill worker's own.
 _PULL_ONLY = ("--kv-streams", "--kv-chunk-bytes", "--kv-max-retries", "--kv-transfer-timeout-s", "--prefill-timeout-s",
-              "--kv-pull-processes")
+              "--kv-pull-processes", "--engine-process")
 FLAGS: dict[str, tuple[str, type | object]] = {
     **{flag: spec for flag, spec in _DECODE_FLAGS.items() if flag not in _PULL_ONLY},
     "--kv-lease-s": ("TANDEM_KV_LEASE_S", float),

@@ -25,6 +25,9 @@ class EngineConfig:
     # same step, ending once none came for a quiet gap (3 ms, at most 7.5% of a recent step, so a
     # lone request pays that); 0 turns the wait off.
     batch_wait_ms: float = 8.0
+    # The engine in a child process of its own (tandem.engine.process), its step thread apart from
+    # the worker's event loop and gRPC threads; generate/abort/stats only (no KV import or events).
+    own_process: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:

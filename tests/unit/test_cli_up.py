@@ -24,3 +24,10 @@ def test_up_refuses_counts_out_of_range(flag: str, value: str, message: str) -> 
     with pytest.raises(SystemExit) as stopped:
         cli.main(["up", flag, value])
     assert stopped.value.code == f"tandem up: {message}"
+
+
+@pytest.mark.parametrize("extra", [["--prefill-workers", "1"], ["--kv-processes", "2"], ["--policy", "kv"]])
+def test_up_refuses_an_engine_process_with_what_needs_the_pool_in_the_worker(extra: list[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["up", "--engine-process", *extra])
+    assert str(stopped.value.code).startswith("tandem up: --engine-process keeps the KV pool in the engine's own")

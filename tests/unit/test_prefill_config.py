@@ -67,3 +67,18 @@ def test_batch_wait_reaches_the_engine_from_flag_or_environment_and_is_validated
     assert DecodeConfig().batch_wait_ms == 8.0
     with pytest.raises(ValueError, match="invalid engine setting batch_wait_ms"):
         DecodeConfig(batch_wait_ms=-1)
+
+
+def test_engine_process_flag_environment_and_conflicts(tmp_path: Path) -> None:
+    assert parse_decode(["--engine-process", "1"], {}).engine_process
+    assert parse_decode([], {"TANDEM_ENGINE_PROCESS": "1"}).engine_process
+    assert not parse_decode([], {}).engine_process  # opt-in
+    assert DecodeConfig(engine_process=True).engine_config(tmp_path).own_process
+    with pytest.raises(SystemExit):  # argparse names the flag and the bad value
+        parse_decode(["--engine-process", "maybe"], {})
+    with pytest.raises(ValueError, match="invalid decode setting engine_process: pull helpers"):
+        DecodeConfig(engine_process=True, kv_pull_processes=2)
+    with pytest.raises(ValueError, match="invalid prefill setting engine_process"):
+        PrefillConfig(engine_process=True)
+    with pytest.raises(SystemExit):  # a prefill worker has no such flag
+        parse_prefill(["--engine-process", "1"], {})
