@@ -220,6 +220,7 @@ class _ChildRelay:
         self._steps_lock = threading.Lock()
         self._items: list[tuple[str, RequestOutput | _Refusal]] = []
         self._flush_scheduled = False
+        self._sent: tuple[EngineStats, bool] | None = None  # the stats and health last sent
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done = asyncio.Event()
 
@@ -293,9 +294,13 @@ class _ChildRelay:
         with self._steps_lock:
             steps, self._steps = self._steps, []
         items, self._items = self._items, []
-        self._outputs.send(("batch", items, steps, self._engine.stats(), self._engine.healthy()))
+        state = (self._engine.stats(), self._engine.healthy())
+        if items or steps or state != self._sent:
+            self._outputs.send(("batch", items, steps, *state))
+            self._sent = state
 
     async def _tick(self) -> None:
+        """Stats that changed without an output (a request queued, blocks freed) go out within the interval."""
         while True:
             await asyncio.sleep(_STATS_INTERVAL_S)
             if not self._flush_scheduled:
