@@ -31,6 +31,9 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 SERVER_OPTIONS: list[tuple[str, int]] = [
+    # gRPC turns SO_REUSEPORT on by default, which lets a second server bind a port that one already
+    # serves and take half its connections (a worker answering the router's callers): refuse instead.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 10_000),
@@ -95,9 +98,12 @@ class GrpcService:
             self.server,
             pool=pool,
         )
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:  # grpcio raises where older versions returned 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind gRPC port {host}:{port}")
+            raise OSError(f"cannot bind gRPC port {host}:{port} (in use?)")
 
     async def set_serving(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
