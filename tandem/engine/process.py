@@ -104,8 +104,10 @@ class EngineProcess:
         if self._process.is_alive():
             self._process.kill()
             await asyncio.to_thread(self._process.join, 5)
-        self._close_pipes()
-        self._fail_streams("the engine process stopped")
+        self._end("the engine process stopped")
+        for connection in (self._commands, self._outputs):
+            if connection is not None:
+                connection.close()
 
     def healthy(self) -> bool:
         return (self._process is not None and self._process.is_alive() and not self._ended
@@ -187,15 +189,6 @@ class EngineProcess:
     def _fail_streams(self, why: str) -> None:
         for rid, stream in list(self._streams.items()):
             stream.put_nowait(RequestOutput(rid, [], "", FinishReason.ERROR, error=why))
-
-    def _close_pipes(self) -> None:
-        if self._loop is not None and self._outputs is not None and not self._ended:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._outputs.fileno())
-        self._ended = True
-        for connection in (self._commands, self._outputs):
-            if connection is not None:
-                connection.close()
 
 
 # -- the child ---------------------------------------------------------------------------------
