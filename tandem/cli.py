@@ -63,15 +63,46 @@ def _up_parser() -> argparse.ArgumentParser:
                         "on BASE+2i+1; 0 picks free ports")
     parser.add_argument("--policy", default=env("TANDEM_ROUTER_POLICY", "least-loaded"))
     parser.add_argument("--device", default=env("TANDEM_DEVICE", "cpu"), help="workers' torch device (cpu, cuda)")
-    parser.add_argument("--engine-process", action="store_true", default=env("TANDEM_ENGINE_PROCESS", "0") == "1",
-                        help="each decode worker runs its engine in a child process, apart from its gRPC threads "
-                             "(no KV from prefill workers, no KV events)")
+    parser.add_argument("--engine-process", nargs="?", const="on", type=_engine_process_setting,
+                        default=env("TANDEM_ENGINE_PROCESS", "auto"),
+                        help="on: each decode worker runs its engine in a child process, apart from its gRPC threads "
+                             "(no KV from prefill workers, no KV events); auto (default): on for a GPU --device when "
+                             "nothing here needs the pool in the worker; off")
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads per worker (default: cores / workers)")
     parser.add_argument("--startup-timeout-s", type=float, default=float(env("TANDEM_STARTUP_TIMEOUT_S", "600")))
     return parser
+
+
+def _engine_process_setting(text: str) -> str:
+    value = text.strip().lower()
+    if value in ("1", "on", "true", "yes"):
+        return "on"
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    if value == "auto":
+        return "auto"
+    raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
+
+
+def engine_process_wanted(args: argparse.Namespace) -> bool:
+    """Whether decode workers run their engine in a child process (``--engine-process``).
+
+    auto: on a GPU, where the step is the host launching kernels from Python and the interpreter
+    lock it would share with the worker's event loop and gRPC threads costs the mesh 4-5% a step
+    (benchmarks/mesh_ab.py, H100); not on a CPU, where it changes nothing measurable; and never with
+    what needs the KV pool or its events in the worker (prefill workers, pull helpers, the kv policy).
+    """
+    needs_pool = bool(args.prefill_workers or args.kv_processes or args.policy == "kv")
+    if args.engine_process == "on" and needs_pool:
+        raise SystemExit("tandem up: --engine-process keeps the KV pool in the engine's own process, so it does not "
+                         "go with --prefill-workers, --kv-processes or --policy kv (which need the pool or its "
+                         "events in the worker)")
+    if args.engine_process == "auto":
+        return not needs_pool and not str(args.device).startswith("cpu")
+    return bool(args.engine_process == "on")
 
 
 def _role(proc: subprocess.Popen[bytes]) -> str:
@@ -107,10 +138,7 @@ def up(argv: list[str]) -> int:
         raise SystemExit("tandem up: --prefill-workers must be at least 0")
     if not 0 <= args.kv_processes <= 32:
         raise SystemExit("tandem up: --kv-processes must be in [0, 32]")
-    if args.engine_process and (args.prefill_workers or args.kv_processes or args.policy == "kv"):
-        raise SystemExit("tandem up: --engine-process keeps the KV pool in the engine's own process, so it does not "
-                         "go with --prefill-workers, --kv-processes or --policy kv (which need the pool or its "
-                         "events in the worker)")
+    engine_process = engine_process_wanted(args)
     from tandem.models import resolve_model
 
     try:
@@ -159,8 +187,8 @@ def up(argv: list[str]) -> int:
                 worker_args += ["--num-kv-blocks", str(args.num_kv_blocks)]
             if args.max_num_seqs:
                 worker_args += ["--max-num-seqs", str(args.max_num_seqs)]
-            if args.engine_process and role == "decode":
-                worker_args += ["--engine-process", "1"]
+            if role == "decode":  # always said, so an inherited TANDEM_ENGINE_PROCESS=auto never reaches a worker
+                worker_args += ["--engine-process", "1" if engine_process else "0"]
             worker_names.append(name)
             mesh.workers.append(procs.spawn(role, worker_args))
         mesh.frontend = procs.spawn("frontend", [
@@ -172,7 +200,7 @@ def up(argv: list[str]) -> int:
                    for name, p in zip(worker_names, worker_ports, strict=True)]
         checks.append(("frontend", lambda: procs.http_ok(f"{http}/health")))
         _wait_ready(mesh, checks, args.startup_timeout_s)
-        _print_banner(http, args.grpc_port, router_address, worker_ports, model_path)
+        _print_banner(http, args.grpc_port, router_address, worker_ports, model_path, engine_process)
         while not stopping:
             for proc in [mesh.router, mesh.frontend]:
                 if proc is not None and proc.poll() is not None:
@@ -192,16 +220,19 @@ def up(argv: list[str]) -> int:
         mesh.stop()
 
 
-def _print_banner(http: str, grpc_port: int, router: str, worker_ports: list[int], model_path: object) -> None:
+def _print_banner(http: str, grpc_port: int, router: str, worker_ports: list[int], model_path: object,
+                  engine_process: bool) -> None:
     from tandem.models import served_model_name
 
     name = served_model_name(model_path)  # type: ignore[arg-type]
+    engines = "in a child process of each decode worker" if engine_process else "in each worker's process"
     print(f"""
 Tandem is up: serving {name}
   OpenAI API    {http}/v1        (/health, /metrics)
   gRPC          127.0.0.1:{grpc_port}     (tandem.api.v1.GenerationService, KServe v2)
   router        {router}
   workers       {', '.join(f'127.0.0.1:{p}' for p in worker_ports)}
+  engines       {engines} (--engine-process)
 
 Try:
   curl {http}/v1/chat/completions -H 'Content-Type: application/json' \\
