@@ -225,6 +225,36 @@ async def test_a_burst_longer_than_the_quiet_gap_still_shares_the_first_step(mod
         await eng.shutdown()
 
 
+async def test_a_burst_whose_straggler_missed_the_step_is_caught_whole_the_next_time(model_path: Path) -> None:
+    # On a busy host the frontend's arrivals can come further apart than the 3 ms quiet gap; a straggler
+    # then waits a whole step. The engine learns the gap such bursts need (within 7.5% of a step).
+    steps: list[StepInfo] = []
+    eng = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=64, max_num_seqs=8,
+                                batch_wait_ms=50.0), on_step=steps.append)
+    await eng.start()
+    try:
+        ids = eng.tokenizer("Write a short story about the sea.")["input_ids"]
+        await collect(eng, "warm", ids, max_tokens=2)
+
+        async def burst(name: str) -> int:
+            """Three requests at once and a fourth 10 ms later; how many the first step prefilled."""
+            eng._recent_step_s = 0.4  # a gap of up to 30 ms is allowed (7.5%), whatever this host's step
+
+            async def one(i: int) -> None:
+                await asyncio.sleep(0.010 if i == 3 else 0)
+                await collect(eng, f"{name}-{i}", ids, max_tokens=2, temperature=0, ignore_eos=True)
+
+            steps.clear()
+            await asyncio.gather(*(one(i) for i in range(4)))
+            return steps[0].num_seqs
+
+        assert await burst("first") == 3  # the 3 ms gap ended before the straggler came
+        assert await burst("second") == 4  # the gap grew to cover it (15 ms)
+        assert_idle(eng)
+    finally:
+        await eng.shutdown()
+
+
 async def test_prefill_export_import_continues_token_identically(engine, model_path: Path) -> None:  # type: ignore[no-untyped-def]
     decode = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=128))
     await decode.start()

@@ -18,6 +18,7 @@ import structlog
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from tandem.engine.hf.batch_wait import QuietGap
 from tandem.engine.hf.block_manager import BlockManager
 from tandem.engine.hf.disagg import DisaggregationMixin, TokenUpdate
 from tandem.engine.hf.sequence import Sequence
@@ -40,11 +41,6 @@ log = structlog.get_logger(__name__)
 
 
 _SHUTDOWN = object()
-# The batch wait of an idle engine ends once no request came for the quiet gap, which never exceeds
-# this share of a recent step: a lone request pays the gap, not the wait. Each arrival during the
-# wait buys one more gap, up to EngineConfig.batch_wait_ms in all.
-_BATCH_WAIT_STEP_SHARE = 0.075
-_BATCH_WAIT_QUIET_GAP_S = 0.003
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -72,6 +68,10 @@ class HFEngine(DisaggregationMixin):
         self._error: BaseException | None = None
         self._stopping = False
         self._recent_step_s = 0.0  # moving average of forward-pass times (the batch wait's bound)
+        # The batch wait of an idle engine ends once no request came for the quiet gap (a lone request
+        # pays the gap, not the wait); each arrival buys one more gap, up to batch_wait_ms in all.
+        self._quiet_gap = QuietGap()
+        self._arrivals_s: list[float] = []  # when the requests applied this loop turn reached the engine
         # Fed by the block pool on the step thread; streamed to the router (KV-aware routing).
         self._kv_events = KvEventLog()
 
@@ -266,6 +266,8 @@ class HFEngine(DisaggregationMixin):
             return False
         if isinstance(command, Sequence):
             self.scheduler.add(command)
+            self._arrivals_s.append(command.arrival_s)
+            self._quiet_gap.arrived(command.arrival_s)
         elif isinstance(command, tuple) and command[0] == "abort":
             seq = self.scheduler.abort(command[1])
             if seq is not None:
@@ -289,6 +291,7 @@ class HFEngine(DisaggregationMixin):
             while True:
                 updates: dict[str, TokenUpdate] = {}
                 idle = block = not self.scheduler.has_work()
+                self._arrivals_s.clear()
                 while True:
                     try:
                         command = self._commands.get(block=block)
@@ -298,6 +301,7 @@ class HFEngine(DisaggregationMixin):
                         self._abort_all(FinishReason.ABORT, None)
                         return
                     block = False
+                self._quiet_gap.settle()  # what came during the step after the last wait has come
                 if idle and self.scheduler.has_work() and not self._gather_arrivals(updates):
                     self._abort_all(FinishReason.ABORT, None)
                     return
@@ -315,26 +319,30 @@ class HFEngine(DisaggregationMixin):
         Requests a client sends together reach a worker up to a few ms apart (the frontend takes them
         one at a time: four arrived over 3.5 ms, median, on 2 cores), and one that misses the first
         step waits a whole step for its prefill (+110 ms TTFT at concurrency 4 on 2 cores). The wait
-        ends after a quiet gap (3 ms, at most 7.5% of a recent step), so a lone request pays one gap;
-        a burst keeps it going, arrival by arrival, for up to batch_wait_ms. (A whole wait capped at
-        the gap, as before, is 1.5 ms with a GPU's 20 ms steps: shorter than a burst of 4 takes to
-        come through the frontend.) False on shutdown.
+        ends after a quiet gap (3 ms or what bursts here have needed, at most 7.5% of a recent step:
+        ``QuietGap``), so a lone request pays one gap; a burst keeps it going, arrival by arrival, for
+        up to batch_wait_ms. (A whole wait capped at the gap, as before, is 1.5 ms with a GPU's 20 ms
+        steps: shorter than a burst of 4 takes to come through the frontend.) False on shutdown.
         """
         limit_s = self.config.batch_wait_ms / 1e3
-        gap_s = min(_BATCH_WAIT_QUIET_GAP_S, _BATCH_WAIT_STEP_SHARE * self._recent_step_s, limit_s)
+        gap_s = self._quiet_gap.gap_s(self._recent_step_s, limit_s)
         now = time.monotonic()
         end = now + limit_s
         deadline = now + gap_s
-        while (remaining_s := deadline - now) > 0:
-            try:
-                command = self._commands.get(timeout=remaining_s)
-            except queue.Empty:
-                return True
-            if not self._apply(command, updates):
-                return False
-            now = time.monotonic()
-            deadline = min(end, now + gap_s)
-        return True
+        try:
+            while (remaining_s := deadline - now) > 0:
+                try:
+                    command = self._commands.get(timeout=remaining_s)
+                except queue.Empty:
+                    return True
+                if not self._apply(command, updates):
+                    return False
+                now = time.monotonic()
+                deadline = min(end, now + gap_s)
+            return True
+        finally:
+            self._quiet_gap.gathered(sorted(self._arrivals_s), time.monotonic(),
+                                     self._quiet_gap.limit_s(self._recent_step_s, limit_s))
 
     def _step(self, updates: dict[str, TokenUpdate]) -> None:
         started = time.perf_counter()
