@@ -64,10 +64,10 @@ def _up_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", default=env("TANDEM_ROUTER_POLICY", "least-loaded"))
     parser.add_argument("--device", default=env("TANDEM_DEVICE", "cpu"), help="workers' torch device (cpu, cuda)")
     parser.add_argument("--engine-process", nargs="?", const="on", type=_engine_process_setting,
-                        default=env("TANDEM_ENGINE_PROCESS", "auto"),
+                        default=env("TANDEM_ENGINE_PROCESS", "off"),
                         help="on: each decode worker runs its engine in a child process, apart from its gRPC threads "
-                             "(no KV from prefill workers, no KV events); auto (default): on for a GPU --device when "
-                             "nothing here needs the pool in the worker; off")
+                             "(no KV from prefill workers, no KV events); auto: on for a GPU --device when nothing "
+                             "here needs the pool in the worker; off (default)")
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--num-threads", type=int, default=None,
@@ -90,10 +90,11 @@ def _engine_process_setting(text: str) -> str:
 def engine_process_wanted(args: argparse.Namespace) -> bool:
     """Whether decode workers run their engine in a child process (``--engine-process``).
 
-    auto: on a GPU, where the step is the host launching kernels from Python and the interpreter
-    lock it would share with the worker's event loop and gRPC threads costs the mesh 4-5% a step
-    (benchmarks/mesh_ab.py, H100); not on a CPU, where it changes nothing measurable; and never with
-    what needs the KV pool or its events in the worker (prefill workers, pull helpers, the kv policy).
+    auto: on a GPU, where the step is the host launching kernels from Python and shares the
+    interpreter lock with the worker's event loop and gRPC threads; not on a CPU, where it changes
+    nothing measurable; and never with what needs the KV pool or its events in the worker (prefill
+    workers, pull helpers, the kv policy). Not the default: on an H100 it took the mesh's step cost
+    at concurrency 1 from 4.5% to none one day (mesh_ab, 10 triples) and added 6% another (6 triples).
     """
     needs_pool = bool(args.prefill_workers or args.kv_processes or args.policy == "kv")
     if args.engine_process == "on" and needs_pool:

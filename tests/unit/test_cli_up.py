@@ -34,26 +34,29 @@ def test_up_refuses_an_engine_process_with_what_needs_the_pool_in_the_worker(ext
 
 
 @pytest.mark.parametrize(("argv", "wanted"), [
-    ([], False),  # auto on a CPU: no gain there, so the engine stays in the worker
-    (["--device", "cuda"], True),  # auto on a GPU
-    (["--device", "cuda:1"], True),
-    (["--device", "cuda", "--prefill-workers", "1"], False),  # auto never takes what disaggregation needs
-    (["--device", "cuda", "--kv-processes", "2"], False),
-    (["--device", "cuda", "--policy", "kv"], False),
+    ([], False),  # off by default
+    (["--device", "cuda"], False),
+    (["--engine-process", "auto"], False),  # auto on a CPU: no gain there, so the engine stays in the worker
+    (["--engine-process", "auto", "--device", "cuda"], True),  # auto on a GPU
+    (["--engine-process", "auto", "--device", "cuda:1"], True),
+    # auto never takes what disaggregation needs
+    (["--engine-process", "auto", "--device", "cuda", "--prefill-workers", "1"], False),
+    (["--engine-process", "auto", "--device", "cuda", "--kv-processes", "2"], False),
+    (["--engine-process", "auto", "--device", "cuda", "--policy", "kv"], False),
     (["--engine-process"], True),  # bare flag: on, also on a CPU
     (["--engine-process", "on"], True),
     (["--engine-process", "off", "--device", "cuda"], False),
     (["--engine-process", "0", "--device", "cuda"], False),
 ])
-def test_engine_process_auto_is_on_for_a_gpu_without_disaggregation(argv: list[str], wanted: bool) -> None:
+def test_engine_process_is_off_unless_asked_and_auto_is_on_for_a_gpu_without_disaggregation(argv: list[str], wanted: bool) -> None:
     assert cli.engine_process_wanted(cli._up_parser().parse_args(argv)) is wanted
 
 
 @pytest.mark.parametrize(("value", "wanted"), [("1", True), ("on", True), ("0", False), ("off", False),
-                                                ("auto", False)])
+                                                ("auto", True)])
 def test_engine_process_follows_the_environment(monkeypatch: pytest.MonkeyPatch, value: str, wanted: bool) -> None:
     monkeypatch.setenv("TANDEM_ENGINE_PROCESS", value)
-    assert cli.engine_process_wanted(cli._up_parser().parse_args([])) is wanted
+    assert cli.engine_process_wanted(cli._up_parser().parse_args(["--device", "cuda"])) is wanted
 
 
 def test_engine_process_setting_names_what_it_takes(capsys: pytest.CaptureFixture[str]) -> None:
