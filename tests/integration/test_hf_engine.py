@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -171,88 +172,74 @@ async def test_small_pool_makes_requests_wait_not_fail(model_path: Path) -> None
         await eng.shutdown()
 
 
-@pytest.mark.parametrize("batch_wait_ms", [8.0, 0.0])
-async def test_requests_arriving_a_millisecond_apart_share_an_idle_engines_first_step(
-        model_path: Path, batch_wait_ms: float) -> None:
-    # As requests a client sends together reach a worker through the frontend: one at a time.
-    steps: list[StepInfo] = []
+@contextlib.asynccontextmanager
+async def gathering_engine(model_path: Path, batch_wait_ms: float,
+                           steps: list[StepInfo]) -> AsyncIterator[tuple[HFEngine, list[int]]]:
+    """A small engine that has run one request (so it knows a step time), and a short prompt's ids;
+    its steps go to ``steps``. On leaving, every block must be free again."""
     eng = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=64, max_num_seqs=8,
                                 batch_wait_ms=batch_wait_ms), on_step=steps.append)
     await eng.start()
     try:
         ids = eng.tokenizer("Write a short story about the sea.")["input_ids"]
-        await collect(eng, "warm", ids, max_tokens=2)  # a step time to bound the wait by
+        await collect(eng, "warm", ids, max_tokens=2)
+        yield eng, ids
+        assert_idle(eng)
+    finally:
+        await eng.shutdown()
 
-        async def staggered(i: int) -> None:
-            await asyncio.sleep(0.001 * i)
-            await collect(eng, f"burst-{i}", ids, max_tokens=2, temperature=0, ignore_eos=True)
 
+async def staggered_burst(eng: HFEngine, ids: list[int], name: str, delays_s: list[float]) -> None:
+    """One two-token request per delay, each sent that long after the burst starts."""
+    async def one(i: int, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        await collect(eng, f"{name}-{i}", ids, max_tokens=2, temperature=0, ignore_eos=True)
+
+    await asyncio.gather(*(one(i, d) for i, d in enumerate(delays_s)))
+
+
+@pytest.mark.parametrize("batch_wait_ms", [8.0, 0.0])
+async def test_requests_arriving_a_millisecond_apart_share_an_idle_engines_first_step(
+        model_path: Path, batch_wait_ms: float) -> None:
+    # As requests a client sends together reach a worker through the frontend: one at a time.
+    steps: list[StepInfo] = []
+    async with gathering_engine(model_path, batch_wait_ms, steps) as (eng, ids):
         steps.clear()
-        await asyncio.gather(*(staggered(i) for i in range(4)))
+        await staggered_burst(eng, ids, "burst", [0.001 * i for i in range(4)])
         if batch_wait_ms:
             assert steps[0].num_seqs == 4 and steps[0].num_prefill_tokens == 4 * len(ids)
             assert len(steps) == 2  # one prefill step for all four, one decode step
         else:
             assert steps[0].num_seqs < 4  # the first arrival prefilled alone (or nearly)
             assert len(steps) > 2
-        assert_idle(eng)
-    finally:
-        await eng.shutdown()
 
 
 async def test_a_burst_longer_than_the_quiet_gap_still_shares_the_first_step(model_path: Path) -> None:
     # With fast steps (a GPU's 20-40 ms) the quiet gap is short, but a burst whose requests come
     # closer together than the gap keeps the wait going, up to batch_wait_ms.
     steps: list[StepInfo] = []
-    eng = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=64, max_num_seqs=8,
-                                batch_wait_ms=20.0), on_step=steps.append)
-    await eng.start()
-    try:
-        ids = eng.tokenizer("Write a short story about the sea.")["input_ids"]
-        await collect(eng, "warm", ids, max_tokens=2)
+    async with gathering_engine(model_path, 20.0, steps) as (eng, ids):
         eng._recent_step_s = 0.04  # a quiet gap of 3 ms; five arrivals 1 ms apart span 4-5 ms
-
-        async def staggered(i: int) -> None:
-            await asyncio.sleep(0.001 * i)
-            await collect(eng, f"burst-{i}", ids, max_tokens=2, temperature=0, ignore_eos=True)
-
         steps.clear()
-        await asyncio.gather(*(staggered(i) for i in range(5)))
+        await staggered_burst(eng, ids, "burst", [0.001 * i for i in range(5)])
         assert steps[0].num_seqs == 5 and steps[0].num_prefill_tokens == 5 * len(ids)
         assert len(steps) == 2
-        assert_idle(eng)
-    finally:
-        await eng.shutdown()
 
 
 async def test_a_burst_whose_straggler_missed_the_step_is_caught_whole_the_next_time(model_path: Path) -> None:
     # On a busy host the frontend's arrivals can come further apart than the 3 ms quiet gap; a straggler
     # then waits a whole step. The engine learns the gap such bursts need (within 7.5% of a step).
     steps: list[StepInfo] = []
-    eng = HFEngine(EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=64, max_num_seqs=8,
-                                batch_wait_ms=50.0), on_step=steps.append)
-    await eng.start()
-    try:
-        ids = eng.tokenizer("Write a short story about the sea.")["input_ids"]
-        await collect(eng, "warm", ids, max_tokens=2)
-
-        async def burst(name: str) -> int:
-            """Three requests at once and a fourth 10 ms later; how many the first step prefilled."""
+    async with gathering_engine(model_path, 50.0, steps) as (eng, ids):
+        async def first_step_of_burst(name: str) -> int:
+            """Three requests at once and a fourth 10 ms later: how many the first step prefilled."""
             eng._recent_step_s = 0.4  # a gap of up to 30 ms is allowed (7.5%), whatever this host's step
-
-            async def one(i: int) -> None:
-                await asyncio.sleep(0.010 if i == 3 else 0)
-                await collect(eng, f"{name}-{i}", ids, max_tokens=2, temperature=0, ignore_eos=True)
-
             steps.clear()
-            await asyncio.gather(*(one(i) for i in range(4)))
+            await staggered_burst(eng, ids, name, [0.0, 0.0, 0.0, 0.010])
             return steps[0].num_seqs
 
-        assert await burst("first") == 3  # the 3 ms gap ended before the straggler came
-        assert await burst("second") == 4  # the gap grew to cover it (15 ms)
-        assert_idle(eng)
-    finally:
-        await eng.shutdown()
+        assert await first_step_of_burst("first") == 3  # the 3 ms gap ended before the straggler came
+        assert await first_step_of_burst("second") == 4  # the gap grew to cover it (15 ms)
 
 
 async def test_prefill_export_import_continues_token_identically(engine, model_path: Path) -> None:  # type: ignore[no-untyped-def]
