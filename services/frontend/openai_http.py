@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -15,8 +13,8 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from services.frontend import choices, sse
 from services.frontend import openai_responses as responses
-from services.frontend import sse
 from services.frontend.openai_protocol import (
     parse_chat_request,
     parse_completion_request,
@@ -117,13 +115,13 @@ class OpenAIHttpApi:
                                        routing)
         header = self._header("chatcmpl-", request[REQUEST_ID])
         wants_logprobs = parsed.sampling.logprobs is not None
-        generations = _choices(generation, parsed.n)
+        generations = choices.choices_of(generation, parsed.n)
         if not parsed.stream:
-            results = await self._collect_all(generations)
-            return self._json(request, _merge_choices([responses.chat_completion(
-                header, r.text, r.last.finish_reason, _usage(r.last),
+            results = await choices.collect_all(self.pipeline, generations)
+            return self._json(request, choices.merge_choices([responses.chat_completion(
+                header, r.text, r.last.finish_reason, choices.usage_of(r.last),
                 responses.chat_logprobs(r.logprobs, self._token_text) if wants_logprobs else None)
-                for r in results], _total_usage([r.last for r in results], len(results))))
+                for r in results], choices.total_usage([r.last for r in results], len(results))))
         pending = [_PendingLogprobs() for _ in generations]
 
         def chunks(output: RequestOutput, first: bool, index: int) -> list[dict[str, Any]]:
@@ -163,7 +161,7 @@ class OpenAIHttpApi:
             raise
         n = parsed.n
         # Choice i*n + j is choice j of prompt i, as OpenAI orders a batch's choices.
-        generations = [g for i, ids in enumerate(batch) for g in _choices(GenerationRequest(
+        generations = [g for i, ids in enumerate(batch) for g in choices.choices_of(GenerationRequest(
             request[REQUEST_ID] if len(batch) == 1 else f"{request[REQUEST_ID]}-p{i}", ids, parsed.sampling,
             endpoint, parsed.stream, routing), n)]
         header = self._header("cmpl-", request[REQUEST_ID])
@@ -181,16 +179,16 @@ class OpenAIHttpApi:
             return responses.prepend_prompt_logprobs(batch[index // n], prompt_scores, self._token_text, logprobs)
 
         if not parsed.stream:
-            results = await self._collect_all(generations)
-            choices = []
+            results = await choices.collect_all(self.pipeline, generations)
+            bodies = []
             for index, r in enumerate(results):
                 logprobs = None
                 if wants_logprobs:
                     logprobs = logprobs_of(index, r.logprobs, len(echo_of(index)),
                                            r.prompt_logprobs if parsed.echo else None)
-                choices.append(responses.completion(header, echo_of(index) + r.text, r.last.finish_reason,
-                                                    _usage(r.last), logprobs))
-            return self._json(request, _merge_choices(choices, _total_usage([r.last for r in results], n)))
+                bodies.append(responses.completion(header, echo_of(index) + r.text, r.last.finish_reason,
+                                                   choices.usage_of(r.last), logprobs))
+            return self._json(request, choices.merge_choices(bodies, choices.total_usage([r.last for r in results], n)))
         pending = [_PendingLogprobs() for _ in generations]
 
         def chunks(output: RequestOutput, first: bool, index: int) -> list[dict[str, Any]]:
@@ -211,58 +209,6 @@ class OpenAIHttpApi:
 
         return await self._stream(request, generations, chunks, "text_completion", header, parsed.include_usage, n)
 
-    async def _collect(self, generation: GenerationRequest) -> _Collected:
-        texts: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        prompt_logprobs: list[TokenLogprob] = []
-        last: RequestOutput | None = None
-        async with aclosing(self.pipeline.generate(generation)) as outputs:
-            async for output in outputs:
-                texts.append(output.text)
-                logprobs.extend(output.logprobs or ())
-                prompt_logprobs.extend(output.prompt_logprobs or ())
-                last = output
-        if last is None or not last.finished:
-            raise TandemError("the worker stream ended without a result")
-        return _Collected("".join(texts), last, logprobs, prompt_logprobs)
-
-    async def _collect_all(self, generations: list[GenerationRequest]) -> list[_Collected]:
-        if len(generations) == 1:
-            return [await self._collect(generations[0])]
-        return list(await asyncio.gather(*(self._collect(g) for g in generations)))
-
-    async def _outputs(self, generations: list[GenerationRequest]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
-        """Every choice's outputs as (choice index, output), in the order they come."""
-        if len(generations) == 1:
-            async with aclosing(self.pipeline.generate(generations[0])) as outputs:
-                async for output in outputs:
-                    yield 0, output
-            return
-        arrived: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
-
-        async def pump(index: int, generation: GenerationRequest) -> None:
-            try:
-                async with aclosing(self.pipeline.generate(generation)) as choice_outputs:
-                    async for choice_output in choice_outputs:
-                        arrived.put_nowait((index, choice_output, None))
-            except Exception as exc:  # noqa: BLE001  handed to the reader, which raises it
-                arrived.put_nowait((index, None, exc))
-
-        pumps = [asyncio.create_task(pump(i, g), name=f"choice-{i}") for i, g in enumerate(generations)]
-        try:
-            num_open = len(generations)
-            while num_open:
-                index, arrival, error = await arrived.get()
-                if error is not None:
-                    raise error
-                assert arrival is not None
-                yield index, arrival
-                num_open -= arrival.finished
-        finally:  # the client left, or a choice failed: the others stop and free their blocks
-            for task in pumps:
-                task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-
     def _token_text(self, token_id: int) -> str:
         return str(self.pipeline.tokenizer.decode([token_id]))
 
@@ -271,7 +217,7 @@ class OpenAIHttpApi:
         chunks: Callable[[RequestOutput, bool, int], list[dict[str, Any]]],
         object_name: str, header: responses.ResponseHeader, include_usage: bool, choices_per_prompt: int,
     ) -> web.StreamResponse:
-        async with aclosing(self._outputs(generations)) as outputs:
+        async with aclosing(choices.outputs_of(self.pipeline, generations)) as outputs:
             # Wait for the first output before sending headers, so that "no worker" or "queue
             # full" still reach the client as a proper 503 instead of an event in a 200 stream.
             try:
@@ -306,7 +252,7 @@ class OpenAIHttpApi:
                     index, output = await anext(outputs)
                 if include_usage:
                     tail.append(sse.encode_event(responses.usage_chunk(
-                        header, object_name, _total_usage([finals[i] for i in sorted(finals)], choices_per_prompt))))
+                        header, object_name, choices.total_usage([finals[i] for i in sorted(finals)], choices_per_prompt))))
             except TandemError as exc:
                 # Headers are gone: report the failure in-band, as OpenAI-compatible servers do.
                 log.warning("stream failed", error=exc.message, code=exc.code)
@@ -372,16 +318,6 @@ class OpenAIHttpApi:
                                             "stream" if stream else "unary", exc.code)
 
 
-@dataclasses.dataclass(slots=True)
-class _Collected:
-    """One choice of a request answered in one piece."""
-
-    text: str
-    last: RequestOutput
-    logprobs: list[TokenLogprob]
-    prompt_logprobs: list[TokenLogprob]  # echo with logprobs: prompt tokens 1, 2, ...
-
-
 class _PendingLogprobs:
     """Logprobs of a stream's tokens not sent yet: a token whose text is held back (an unfinished
     character, a possible stop string) sends its logprob with the chunk that carries its text."""
@@ -400,43 +336,6 @@ class _PendingLogprobs:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def _usage(output: RequestOutput) -> responses.Usage:
-    return responses.Usage(output.num_prompt_tokens, output.num_output_tokens, output.num_cached_tokens)
-
-
-def _total_usage(finals: list[RequestOutput], choices_per_prompt: int) -> responses.Usage:
-    """Every prompt once (as OpenAI counts a prompt with n choices), every choice's completion tokens;
-    ``finals`` in choice order, ``choices_per_prompt`` of them for each prompt."""
-    firsts = finals[::choices_per_prompt]
-    return responses.Usage(sum(o.num_prompt_tokens for o in firsts), sum(o.num_output_tokens for o in finals),
-                           sum(o.num_cached_tokens for o in firsts))
-
-
-def _choices(generation: GenerationRequest, n: int) -> list[GenerationRequest]:
-    """One generation per choice. A seeded request's choice i draws with seed + i, so the choices
-    differ and the same request gives the same choices again."""
-    if n == 1:
-        return [generation]
-    out = []
-    for i in range(n):
-        sampling = generation.sampling
-        if sampling.seed is not None:
-            sampling = dataclasses.replace(sampling, seed=(sampling.seed + i) % 2**63)
-        out.append(dataclasses.replace(generation, request_id=f"{generation.request_id}-{i}", sampling=sampling))
-    return out
-
-
-def _merge_choices(bodies: list[dict[str, Any]], usage: responses.Usage) -> dict[str, Any]:
-    """One response body from single-choice bodies, choice i at index i, with the total usage."""
-    body = bodies[0]
-    for index, other in enumerate(bodies[1:], start=1):
-        choice = other["choices"][0]
-        choice["index"] = index
-        body["choices"].append(choice)
-    body["usage"] = usage.to_dict()
-    return body
 
 
 async def _read_json(request: web.Request) -> Any:
