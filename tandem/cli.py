@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from tandem import procs
+from tandem.engine.config import on_off
 
 ROLES = ("frontend", "router", "decode", "prefill")
 
@@ -77,14 +78,12 @@ def _up_parser() -> argparse.ArgumentParser:
 
 
 def _engine_process_setting(text: str) -> str:
-    value = text.strip().lower()
-    if value in ("1", "on", "true", "yes"):
-        return "on"
-    if value in ("0", "off", "false", "no"):
-        return "off"
-    if value == "auto":
+    if text.strip().lower() == "auto":
         return "auto"
-    raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
+    try:
+        return "on" if on_off(text) else "off"
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}") from None
 
 
 def engine_process_wanted(args: argparse.Namespace) -> bool:

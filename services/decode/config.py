@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from tandem.discovery.consul import REGISTRIES, ConsulSettings
-from tandem.engine.config import ENGINES, EngineConfig
+from tandem.engine.config import ENGINES, EngineConfig, on_off
 from tandem.kv.transfer.settings import DEFAULT_CHUNK_BYTES, PullSettings
 
 KV_TRANSPORTS = ("auto", "grpc", "shm")
@@ -117,15 +117,6 @@ class DecodeConfig:
         )
 
 
-def _on_off(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "on", "yes"):
-        return True
-    if value in ("0", "false", "off", "no", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 1 or 0, got {text!r}")
-
-
 def _optional_int(text: str) -> int | None:
     """Empty or 0 means "not set" for the settings that default to the model or torch."""
     return int(text) or None if text else None
@@ -152,7 +143,7 @@ _FLAGS: dict[str, tuple[str, type | object]] = {
     "--device": ("TANDEM_DEVICE", str),
     "--dtype": ("TANDEM_DTYPE", str),
     "--batch-wait-ms": ("TANDEM_BATCH_WAIT_MS", float),
-    "--engine-process": ("TANDEM_ENGINE_PROCESS", _on_off),
+    "--engine-process": ("TANDEM_ENGINE_PROCESS", on_off),
     "--kv-transport": ("TANDEM_KV_TRANSPORT", str),
     "--kv-streams": ("TANDEM_KV_STREAMS", int),
     "--kv-chunk-bytes": ("TANDEM_KV_CHUNK_BYTES", int),

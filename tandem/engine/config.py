@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,3 +52,13 @@ class EngineConfig:
             raise bad("batch_wait_ms", f"must be in [0, 1000], got {self.batch_wait_ms}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise bad("max_model_len", f"must be at least 2, got {self.max_model_len}")
+
+
+def on_off(text: str) -> bool:
+    """A yes/no setting from a flag or the environment: 1/on/true/yes, or 0/off/false/no/empty."""
+    value = text.strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1 or 0, got {text!r}")
