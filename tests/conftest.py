@@ -20,6 +20,7 @@ def model_path() -> Path:
     import torch
 
     from tandem.models import resolve_model
+    from tests.settings import TEST_MODEL
 
     torch.set_num_threads(1)
-    return resolve_model(None)
+    return Path(TEST_MODEL) if TEST_MODEL else resolve_model(None)

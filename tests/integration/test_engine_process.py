@@ -17,12 +17,13 @@ from tandem.engine.hf.engine import HFEngine
 from tandem.engine.process import EngineProcess
 from tandem.engine.types import EngineRequest, FinishReason, RequestOutput, SamplingParams, StepInfo
 from tandem.errors import InvalidRequest
+from tests.settings import TEST_DEVICE
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 
 def _config(model_path: Path) -> EngineConfig:
-    return EngineConfig(model_path=model_path, num_threads=1, num_kv_blocks=128, max_num_seqs=8, max_model_len=256)
+    return EngineConfig(model_path=model_path, device=TEST_DEVICE, num_threads=1, num_kv_blocks=128, max_num_seqs=8, max_model_len=256)
 
 
 @pytest.fixture(scope="module")

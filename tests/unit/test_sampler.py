@@ -132,3 +132,39 @@ def test_logprobs_are_the_models_own_distribution_with_the_top_alternatives() ->
     assert [lp for _, lp in first.top] == pytest.approx([float(expected[1]), float(expected[2])])
     only_drawn = token_logprobs(rows[:1], [SamplingParams(logprobs=0)], [3])[0]
     assert only_drawn is not None and only_drawn.top == ()
+
+
+# The engine samples from logits on its model's device: every sampling path has to work there, and a
+# seeded request has to draw the same tokens on a GPU worker as on a CPU one (a migrated request
+# continues on whichever worker is free). The cuda cases run wherever a GPU is.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_sampling_path_works_on_the_logits_device(device: str) -> None:
+    torch.manual_seed(0)
+    rows = torch.randn(5, 300).to(device)
+    history = ([1, 2, 3, 3, 250], 3, 3)
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9, top_k=50),
+        SamplingParams(temperature=1.0, seed=7),
+        SamplingParams(temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5),
+        SamplingParams(temperature=0, min_tokens=4, stop_token_ids=[int(rows[3].argmax())], logprobs=3),
+        SamplingParams(temperature=0, repetition_penalty=1.2),
+    ]
+    tokens = Sampler(seed=1, eos_token_ids={0}).sample(rows, params, [10] * 5, [history] * 5)
+    assert all(0 <= t < 300 for t in tokens)
+    assert tokens[3] != int(rows[3].argmax())  # min_tokens banned the stop token
+    logprob = token_logprobs(rows, params, tokens)[3]
+    assert logprob is not None and logprob.token_id == tokens[3] and len(logprob.top) == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_draws_do_not_depend_on_the_device(device: str) -> None:
+    torch.manual_seed(0)
+    rows = torch.randn(1, 1000)
+    params = [SamplingParams(temperature=1.0, top_p=0.95, seed=1234)]
+    on_cpu = [Sampler().sample(rows, params, [p])[0] for p in range(30)]
+    on_device = [Sampler().sample(rows.to(device), params, [p])[0] for p in range(30)]
+    assert on_device == on_cpu
+    assert len(set(on_cpu)) > 10

@@ -42,12 +42,13 @@ def penalised_logits(logits: torch.Tensor, params: SamplingParams, history: Hist
     logits = logits.clone()
     vocab = logits.shape[-1]
     if params.repetition_penalty != 1.0 and token_ids:
-        seen_ids = torch.tensor(sorted({t for t in token_ids if t < vocab}), dtype=torch.long)
+        seen_ids = torch.tensor(sorted({t for t in token_ids if t < vocab}), dtype=torch.long, device=logits.device)
         seen = logits[seen_ids]
         logits[seen_ids] = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
     output = token_ids[output_start:]
     if (params.presence_penalty or params.frequency_penalty) and output:
-        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab)[:vocab].to(logits.dtype)
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long, device=logits.device),
+                                minlength=vocab)[:vocab].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
     if len(token_ids) - prompt_end < params.min_tokens:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
@@ -108,7 +109,10 @@ class Sampler:
             else:
                 generator = self._seeded
                 generator.manual_seed(mix_seed(p.seed, position))
-            # exponential race: argmax(p / E) with E ~ Exp(1) draws from p
+            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. It runs on the CPU, where
+            # the generators are, whatever the logits' device: a seeded request draws the same tokens
+            # on a GPU worker as on a CPU one (after a migration, say).
+            probs = probs.cpu()
             race = torch.empty_like(probs).exponential_(1.0, generator=generator)
             tokens[row] = int(torch.argmax(probs / race))
         return tokens
