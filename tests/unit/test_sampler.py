@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.engine.hf.sampler import Sampler, filtered_probs, mix_seed, penalised_logits, token_logprobs
+from tandem.engine.hf.sampler import (
+    Sampler,
+    filtered_probs,
+    filtered_probs_rows,
+    mix_seed,
+    penalised_logits,
+    token_logprobs,
+)
 from tandem.engine.types import SamplingParams
 from tandem.errors import InvalidRequest
 
@@ -134,9 +141,9 @@ def test_logprobs_are_the_models_own_distribution_with_the_top_alternatives() ->
     assert only_drawn is not None and only_drawn.top == ()
 
 
-# The engine samples from logits on its model's device: every sampling path has to work there, and a
-# seeded request has to draw the same tokens on a GPU worker as on a CPU one (a migrated request
-# continues on whichever worker is free). The cuda cases run wherever a GPU is.
+# The engine samples from logits on its model's device: every sampling path has to work there, with
+# that device's generators (a GPU worker once failed every request with temperature > 0: its
+# generators were on the CPU). The cuda cases run wherever a GPU is.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
@@ -160,11 +167,56 @@ def test_every_sampling_path_works_on_the_logits_device(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_seeded_draws_do_not_depend_on_the_device(device: str) -> None:
+def test_seeded_draws_on_a_device_repeat_and_depend_on_position(device: str) -> None:
     torch.manual_seed(0)
-    rows = torch.randn(1, 1000)
+    rows = torch.randn(1, 1000).to(device)
     params = [SamplingParams(temperature=1.0, top_p=0.95, seed=1234)]
-    on_cpu = [Sampler().sample(rows, params, [p])[0] for p in range(30)]
-    on_device = [Sampler().sample(rows.to(device), params, [p])[0] for p in range(30)]
-    assert on_device == on_cpu
-    assert len(set(on_cpu)) > 10
+    first = [Sampler().sample(rows, params, [p])[0] for p in range(30)]
+    again = [Sampler(seed=99).sample(rows, params, [p])[0] for p in range(30)]  # the engine's seed plays no part
+    assert first == again
+    assert len(set(first)) > 10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unseeded_draws_follow_the_distribution_on_a_device(device: str) -> None:
+    row = torch.log(torch.tensor([[0.8, 0.2]])).to(device)
+    sampler = Sampler(seed=0)
+    draws = [sampler.sample(row, [SamplingParams(temperature=1.0)], [0])[0] for _ in range(2000)]
+    assert 0.75 < draws.count(0) / len(draws) < 0.85
+
+
+def test_a_seeded_draw_does_not_depend_on_the_rest_of_the_batch() -> None:
+    torch.manual_seed(0)
+    rows = torch.randn(4, 500)
+    mine = SamplingParams(temperature=0.9, top_k=100, seed=5)
+    others = [SamplingParams(temperature=1.0), SamplingParams(temperature=0), SamplingParams(temperature=0.5, seed=6)]
+    alone = [Sampler().sample(rows[2:3], [mine], [p])[0] for p in range(30)]
+    batched = [Sampler().sample(rows, [others[0], others[1], mine, others[2]], [p, p, p, p])[2] for p in range(30)]
+    assert batched == alone
+
+
+def test_rows_are_filtered_each_by_its_own_settings() -> None:
+    torch.manual_seed(0)
+    rows = torch.randn(4, 50)
+    params = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.5),
+              SamplingParams(temperature=1.3, top_k=10, top_p=0.8), SamplingParams(temperature=2.0)]
+    together = filtered_probs_rows(rows, params)
+    for row, p in enumerate(params):
+        assert torch.allclose(together[row], _one_row(rows[row], p), atol=1e-6)
+    assert int((together[0] > 0).sum()) == 5 and int((together[3] > 0).sum()) == 50
+
+
+def _one_row(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The filter written plainly for one row: temperature, the k largest, then the top_p nucleus."""
+    logits = logits / params.temperature
+    if params.top_k:
+        logits = logits.masked_fill(logits < torch.topk(logits, params.top_k).values[-1], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        kept, mass = torch.zeros_like(probs), 0.0
+        for index in torch.argsort(probs, descending=True).tolist():
+            if mass >= params.top_p:
+                break
+            kept[index], mass = probs[index], mass + float(probs[index])
+        probs = kept / kept.sum()
+    return probs

@@ -2,7 +2,9 @@
 that depend only on (seed, position).
 
 A seeded request's draw for the token at position p uses a generator seeded from (seed, p),
-so the same request resumed elsewhere (after a migration) draws the same tokens.
+so the same request resumed elsewhere (after a migration) draws the same tokens on a worker of the
+same device type. Draws run on the logits' device, with that device's generators (CPU and CUDA
+generators are different algorithms, so a seed gives other tokens on a GPU than on a CPU).
 """
 
 from __future__ import annotations
@@ -60,30 +62,55 @@ def penalised_logits(logits: torch.Tensor, params: SamplingParams, history: Hist
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Probabilities of one row after temperature, top-k and top-p."""
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+    return filtered_probs_rows(logits[None], [params])[0]
+
+
+def filtered_probs_rows(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Probabilities of each row (one SamplingParams a row) after temperature, top-k and top-p.
+
+    One sort serves every row: top-k keeps what is at least the row's k-th largest logit (ties
+    included), top-p the smallest set of the most likely tokens whose mass reaches top_p.
+    """
+    rows, vocab = logits.shape
+    device, dtype = logits.device, logits.dtype
+    temperatures = torch.tensor([p.temperature for p in params], device=device, dtype=dtype)
+    logits = logits / temperatures[:, None]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p if p.top_p < 1.0 else 2.0 for p in params]  # 2.0: never reached, nothing dropped
+    if min(top_k) == vocab and min(top_p) > 1.0:
+        return torch.softmax(logits, dim=-1)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    if min(top_k) < vocab:
+        kth = sorted_logits.gather(1, torch.tensor(top_k, device=device)[:, None] - 1)
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    if min(top_p) <= 1.0:
         # drop a token when the mass before it already reaches top_p (always keep the first)
-        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= params.top_p
+        limits = torch.tensor(top_p, device=device, dtype=sorted_probs.dtype)[:, None]
+        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= limits
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        probs = probs / probs.sum()
-    return probs
+        sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(sorted_probs).scatter_(-1, order, sorted_probs)
 
 
 class Sampler:
     def __init__(self, seed: int | None = None, eos_token_ids: Collection[int] = ()) -> None:
         self._eos_token_ids = frozenset(eos_token_ids)
-        self._unseeded = torch.Generator()
-        if seed is None:
-            self._unseeded.seed()
-        else:
-            self._unseeded.manual_seed(seed)
-        self._seeded = torch.Generator()
+        self._seed = seed
+        self._generators: dict[torch.device, tuple[torch.Generator, torch.Generator]] = {}
+        self._generators_on(torch.device("cpu"))
+
+    def _generators_on(self, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+        """The (unseeded, seeded) generators of ``device``, made on first use."""
+        pair = self._generators.get(device)
+        if pair is None:
+            unseeded = torch.Generator(device=device)
+            if self._seed is None:
+                unseeded.seed()
+            else:
+                unseeded.manual_seed(self._seed)
+            pair = self._generators[device] = (unseeded, torch.Generator(device=device))
+        return pair
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
                histories: Sequence[History] | None = None) -> list[int]:
@@ -93,7 +120,9 @@ class Sampler:
         touch it.
         """
         tokens = torch.argmax(logits, dim=-1).tolist()
-        for row, (p, position) in enumerate(zip(params, positions, strict=True)):
+        drawn_rows: list[int] = []
+        drawn_logits: list[torch.Tensor] = []
+        for row, p in enumerate(params):
             row_logits = logits[row]
             if p.penalised:
                 if histories is None:
@@ -101,20 +130,24 @@ class Sampler:
                 row_logits = penalised_logits(row_logits, p, histories[row], self._eos_token_ids)
                 if p.greedy:
                     tokens[row] = int(torch.argmax(row_logits))
-            if p.greedy:
-                continue
-            probs = filtered_probs(row_logits, p)
-            if p.seed is None:
-                generator = self._unseeded
-            else:
-                generator = self._seeded
-                generator.manual_seed(mix_seed(p.seed, position))
-            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. It runs on the CPU, where
-            # the generators are, whatever the logits' device: a seeded request draws the same tokens
-            # on a GPU worker as on a CPU one (after a migration, say).
-            probs = probs.cpu()
-            race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-            tokens[row] = int(torch.argmax(probs / race))
+            if not p.greedy:
+                drawn_rows.append(row)
+                drawn_logits.append(row_logits)
+        if not drawn_rows:
+            return tokens
+        # All the batch's draws at once, on the logits' device: one filtering pass, one race, one read.
+        probs = filtered_probs_rows(torch.stack(drawn_logits), [params[row] for row in drawn_rows])
+        unseeded, seeded = self._generators_on(probs.device)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Unseeded rows share one
+        # draw of the noise; a seeded row's noise comes from (seed, position) alone.
+        race = torch.empty_like(probs).exponential_(1.0, generator=unseeded)
+        for index, row in enumerate(drawn_rows):
+            seed = params[row].seed
+            if seed is not None:
+                seeded.manual_seed(mix_seed(seed, positions[row]))
+                race[index].exponential_(1.0, generator=seeded)
+        for row, token in zip(drawn_rows, torch.argmax(probs / race, dim=-1).tolist(), strict=True):
+            tokens[row] = token
         return tokens
 
 
