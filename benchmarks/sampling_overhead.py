@@ -3,7 +3,7 @@
 Runs batches of identical decoding requests in one process (default model, fp32), alternating the
 plain batch with each variant, and prints the median forward-pass-plus-sampling step time of the
 decode steps and the ratio to the plain batch run next to it (pairs cancel the host's drift).
-Usage: python benchmarks/sampling_overhead.py [--batch 1 8] [--runs 5] [--max-tokens 32]
+Usage: python benchmarks/sampling_overhead.py [--batch 1 8] [--runs 5] [--max-tokens 32] [--device cuda]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "min_tokens": {"min_tokens": 16},
     "logprobs=0": {"logprobs": 0},
     "logprobs=20": {"logprobs": 20},
+    "sampled t=0.8, top_p=0.9": {"temperature": 0.8, "top_p": 0.9},
     "sampled t=0.8 + all": {"temperature": 0.8, "seed": 1, "presence_penalty": 0.5, "frequency_penalty": 0.5,
                             "repetition_penalty": 1.2, "logprobs": 5},
 }
@@ -52,6 +53,8 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="torch device of the engine")
+    parser.add_argument("--model", default=None, help="a model directory (default: SmolLM2-135M)")
     args = parser.parse_args()
 
     import torch
@@ -62,8 +65,8 @@ async def main() -> None:
 
     torch.set_num_threads(args.threads)
     steps: list = []
-    engine = HFEngine(EngineConfig(model_path=resolve_model(None), num_threads=args.threads, batch_wait_ms=0),
-                      on_step=steps.append)
+    engine = HFEngine(EngineConfig(model_path=resolve_model(args.model), num_threads=args.threads, batch_wait_ms=0,
+                                   device=args.device), on_step=steps.append)
     await engine.start()
     rows = []
     try:
@@ -85,7 +88,8 @@ async def main() -> None:
                 rows.append([batch, name, 1000 * median(plain), 1000 * median(variant), median(ratios)])
     finally:
         await engine.shutdown()
-    print(f"\n{args.runs} pairs per row, {args.max_tokens} tokens per request, {args.threads} torch thread(s)\n")
+    print(f"\n{args.runs} pairs per row, {args.max_tokens} tokens per request, {args.threads} torch thread(s), "
+          f"{args.device}\n")
     print(table(["batch", "variant", "plain step ms", "variant step ms", "ratio"], rows))
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tandem.engine.hf.sampler import (
+    NUCLEUS_CANDIDATES,
     Sampler,
-    filtered_probs,
-    filtered_probs_rows,
+    candidates,
     mix_seed,
     penalised_logits,
     token_logprobs,
@@ -23,6 +23,13 @@ def logits(*values: float) -> torch.Tensor:
     return torch.tensor([list(values)])
 
 
+def filtered(rows: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """candidates() spread back over the vocabulary and normalised: one probability a token."""
+    probs, ids = candidates(rows, params)
+    dense = probs if ids is None else torch.zeros_like(rows).scatter_(1, ids, probs)
+    return dense / dense.sum(dim=-1, keepdim=True)
+
+
 def test_greedy_takes_the_argmax() -> None:
     out = Sampler(seed=1).sample(logits(0.1, 3.0, 0.2), [SamplingParams(temperature=0)], [5])
     assert out == [1]
@@ -33,13 +40,13 @@ def test_top_k_one_is_greedy_even_with_temperature() -> None:
 
 
 def test_top_k_keeps_only_k_tokens() -> None:
-    probs = filtered_probs(torch.tensor([1.0, 4.0, 3.0, 2.0]), SamplingParams(top_k=2))
+    probs = filtered(torch.tensor([[1.0, 4.0, 3.0, 2.0]]), [SamplingParams(top_k=2)])[0]
     assert probs[0] == 0 and probs[3] == 0 and probs[1] > probs[2] > 0
 
 
 def test_top_p_keeps_the_smallest_nucleus() -> None:
     base = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    probs = filtered_probs(base, SamplingParams(top_p=0.7))
+    probs = filtered(base[None], [SamplingParams(top_p=0.7)])[0]
     assert probs[2] == 0 and probs[3] == 0
     assert torch.isclose(probs.sum(), torch.tensor(1.0))
     assert torch.isclose(probs[0], torch.tensor(0.5 / 0.8))
@@ -200,10 +207,28 @@ def test_rows_are_filtered_each_by_its_own_settings() -> None:
     rows = torch.randn(4, 50)
     params = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.5),
               SamplingParams(temperature=1.3, top_k=10, top_p=0.8), SamplingParams(temperature=2.0)]
-    together = filtered_probs_rows(rows, params)
+    together = torch.cat([filtered(rows[:3], params[:3]), filtered(rows[3:], params[3:])])  # the sampler's groups
     for row, p in enumerate(params):
         assert torch.allclose(together[row], _one_row(rows[row], p), atol=1e-6)
     assert int((together[0] > 0).sum()) == 5 and int((together[3] > 0).sum()) == 50
+
+
+def test_a_nucleus_wider_than_the_first_look_is_found_whole() -> None:
+    # nearly flat: top_p=0.5 keeps about half of 3 x NUCLEUS_CANDIDATES tokens
+    flat = -torch.arange(3 * NUCLEUS_CANDIDATES, dtype=torch.float32)[None] * 1e-4
+    probs = filtered(flat, [SamplingParams(top_p=0.5)])[0]
+    assert int((probs > 0).sum()) > NUCLEUS_CANDIDATES
+    assert torch.allclose(probs, _one_row(flat[0], SamplingParams(top_p=0.5)), atol=1e-7)
+
+
+def test_draws_never_take_a_dropped_or_banned_token() -> None:
+    row = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    sampler = Sampler(seed=3)
+    nucleus = {sampler.sample(row, [SamplingParams(top_p=0.7)], [0])[0] for _ in range(300)}
+    assert nucleus == {0, 1}
+    banned = row.clone()
+    banned[0, 0] = float("-inf")
+    assert 0 not in {sampler.sample(banned, [SamplingParams(temperature=1.0)], [0])[0] for _ in range(300)}
 
 
 def _one_row(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
