@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import runpy
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -16,6 +18,54 @@ from tandem import procs
 from tandem.engine.config import on_off
 
 ROLES = ("frontend", "router", "decode", "prefill")
+
+
+# A worker that exits is started again after RESTART_FIRST_DELAY_S; one that exits again within
+# RESTART_STABLE_S of its start waits twice as long as the last time, up to RESTART_MAX_DELAY_S.
+RESTART_FIRST_DELAY_S = 1.0
+RESTART_MAX_DELAY_S = 30.0
+RESTART_STABLE_S = 60.0
+
+
+def restart_delay(previous_s: float, lived_s: float) -> float:
+    """How long to wait before starting again a worker that ran ``lived_s`` and waited ``previous_s``
+    (0: never) before its last start."""
+    if not previous_s or lived_s >= RESTART_STABLE_S:
+        return RESTART_FIRST_DELAY_S
+    return min(2 * previous_s, RESTART_MAX_DELAY_S)
+
+
+@dataclass
+class WorkerRestarts:
+    """Starts each worker of a mesh again when it exits (killed, out of memory, its engine failed)."""
+
+    mesh: Mesh
+    spawners: list[Callable[[], subprocess.Popen[bytes]]]
+    names: list[str]
+    started_s: list[float] = field(default_factory=list)
+    delays_s: list[float] = field(default_factory=list)
+    due_s: list[float | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        now = time.monotonic()
+        self.started_s = [now] * len(self.names)
+        self.delays_s = [0.0] * len(self.names)
+        self.due_s = [None] * len(self.names)
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        for i, proc in enumerate(self.mesh.workers):
+            due = self.due_s[i]
+            if due is None and proc.poll() is not None:
+                self.delays_s[i] = restart_delay(self.delays_s[i], now - self.started_s[i])
+                self.due_s[i] = now + self.delays_s[i]
+                print(f"tandem: {self.names[i]} (pid {proc.pid}) exited with code {proc.returncode}; "
+                      f"starting it again in {self.delays_s[i]:.0f} s", file=sys.stderr, flush=True)
+            elif due is not None and now >= due:
+                self.mesh.workers[i] = self.spawners[i]()
+                self.started_s[i], self.due_s[i] = now, None
+                print(f"tandem: {self.names[i]} started again (pid {self.mesh.workers[i].pid})",
+                      file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -69,6 +119,9 @@ def _up_parser() -> argparse.ArgumentParser:
                         help="on: each decode worker runs its engine in a child process, apart from its gRPC threads "
                              "(no KV from prefill workers, no KV events); auto: on for a GPU --device when nothing "
                              "here needs the pool in the worker; off (default)")
+    parser.add_argument("--restart-workers", type=on_off, default=on_off(env("TANDEM_RESTART_WORKERS", "on")),
+                        help="start a worker again when it exits (after 1 s, twice as long each time it exits "
+                             "again within a minute, up to 30 s); 0 leaves it down")
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--num-threads", type=int, default=None,
@@ -168,6 +221,7 @@ def up(argv: list[str]) -> int:
         mesh.router = procs.spawn("router", router_args)
         worker_ports = []
         worker_names = []
+        spawners: list[Callable[[], subprocess.Popen[bytes]]] = []
         for i, role in enumerate(roles):
             name = f"{role}-{roles[:i].count(role)}"
             base = args.worker_base_port
@@ -191,6 +245,7 @@ def up(argv: list[str]) -> int:
                 worker_args += ["--engine-process", "1" if engine_process else "0"]
             worker_names.append(name)
             mesh.workers.append(procs.spawn(role, worker_args))
+            spawners.append(functools.partial(procs.spawn, role, worker_args))
         mesh.frontend = procs.spawn("frontend", [
             "--model", str(model_path), "--host", args.host, "--http-port", str(args.port),
             "--grpc-port", str(args.grpc_port), "--router-address", router_address])
@@ -201,14 +256,18 @@ def up(argv: list[str]) -> int:
         checks.append(("frontend", lambda: procs.http_ok(f"{http}/health")))
         _wait_ready(mesh, checks, args.startup_timeout_s)
         _print_banner(http, args.grpc_port, router_address, worker_ports, model_path, engine_process)
+        restarts = WorkerRestarts(mesh, spawners, worker_names) if args.restart_workers else None
         while not stopping:
             for proc in [mesh.router, mesh.frontend]:
                 if proc is not None and proc.poll() is not None:
                     print(f"tandem: {_role(proc)} exited with code {proc.returncode}; stopping", file=sys.stderr)
                     return 1
-            for proc in mesh.workers:
-                if proc.returncode is None and proc.poll() is not None:
-                    print(f"tandem: worker pid {proc.pid} exited with code {proc.returncode}", file=sys.stderr)
+            if restarts is not None:
+                restarts.poll()
+            else:
+                for proc in mesh.workers:
+                    if proc.returncode is None and proc.poll() is not None:
+                        print(f"tandem: worker pid {proc.pid} exited with code {proc.returncode}", file=sys.stderr)
             time.sleep(0.2)
         print("tandem: stopping...", file=sys.stderr, flush=True)
         return 0

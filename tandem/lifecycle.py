@@ -19,10 +19,13 @@ class Stoppable(Protocol):
 
 
 async def serve_until_signal(start: Callable[[], Awaitable[Stoppable]],
-                             on_signal: Callable[[], None] | None = None) -> None:
+                             on_signal: Callable[[], None] | None = None) -> bool:
     """Start the service and wait for a signal; a signal during start-up cancels the start.
 
-    Cancelling ``start`` (a model still loading, say) lets it unbind its ports on the way out.
+    Cancelling ``start`` (a model still loading, say) lets it unbind its ports on the way out. A
+    service with a ``failed`` event (a worker whose engine died) is stopped when that is set, and
+    this returns False: the process should then exit non-zero, so that whatever supervises it
+    (``tandem up``, Kubernetes, docker-compose) starts a new one. True after a signal.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -34,12 +37,19 @@ async def serve_until_signal(start: Callable[[], Awaitable[Stoppable]],
     if not starting.done():
         starting.cancel()
         await asyncio.gather(starting, return_exceptions=True)
-        return
+        return True
     service = starting.result()
-    await stopped
-    if on_signal is not None:
+    failed_event: asyncio.Event | None = getattr(service, "failed", None)
+    failing = asyncio.ensure_future(failed_event.wait()) if failed_event is not None else None
+    await asyncio.wait({stopped} if failing is None else {stopped, failing}, return_when=asyncio.FIRST_COMPLETED)
+    failed = not stopped.done()
+    for waiter in (stopped, failing):
+        if waiter is not None and not waiter.done():
+            waiter.cancel()
+    if not failed and on_signal is not None:
         on_signal()
     await service.stop()
+    return not failed
 
 
 def event_loop_name() -> str:

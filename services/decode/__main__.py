@@ -11,8 +11,8 @@ from tandem.lifecycle import serve_until_signal
 from tandem.telemetry.logging import configure_logging
 
 
-async def run(config: DecodeConfig) -> None:
-    await serve_until_signal(lambda: serve(config))
+async def run(config: DecodeConfig) -> bool:
+    return await serve_until_signal(lambda: serve(config))
 
 
 def main() -> None:
@@ -21,9 +21,12 @@ def main() -> None:
     # worker's memory goes fast; torch's THP_MEM_ALLOC_ENABLE is left alone (it slowed every step).
     config = parse_args()
     try:
-        lifecycle.run(run(config))
+        served = lifecycle.run(run(config))
     except (OSError, ValueError) as error:  # port in use, bad model directory: one line, not a traceback
         print(f"decode: {error}", file=sys.stderr)
+        sys.exit(1)
+    if not served:  # the engine died: exit so that a supervisor starts a new worker
+        print("decode: the engine failed; exiting with code 1", file=sys.stderr)
         sys.exit(1)
 
 

@@ -59,6 +59,7 @@ class DecodeWorker:
     _watch_task: asyncio.Task[None] | None = None
     _serving: bool = False
     _stopping: asyncio.Task[None] | None = field(default=None)
+    failed: asyncio.Event = field(default_factory=asyncio.Event)  # set once the engine died
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Deregister, NOT_SERVING, let in-flight requests finish (up to the drain timeout), stop."""
@@ -108,10 +109,11 @@ class DecodeWorker:
             except Exception:  # a stats bug must not stop the health check below
                 log.exception("engine stats failed")
             if self._serving and not self.engine.healthy():
-                log.error("engine is no longer healthy; reporting NOT_SERVING")
+                log.error("engine is no longer healthy; reporting NOT_SERVING, then exiting")
                 await self._set_serving(False)
                 if self.registration is not None:
                     await self.registration.stop()
+                self.failed.set()  # the process stops and exits non-zero: a supervisor starts a new one
             await asyncio.sleep(_WATCH_INTERVAL_S)
 
 

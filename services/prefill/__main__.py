@@ -12,8 +12,8 @@ from tandem.lifecycle import serve_until_signal
 from tandem.telemetry.logging import configure_logging
 
 
-async def run(config: PrefillConfig) -> None:
-    await serve_until_signal(lambda: serve(config))
+async def run(config: PrefillConfig) -> bool:
+    return await serve_until_signal(lambda: serve(config))
 
 
 def main() -> None:
@@ -21,9 +21,12 @@ def main() -> None:
     keep_large_buffers_in_heap()
     config = parse_args()
     try:
-        lifecycle.run(run(config))
+        served = lifecycle.run(run(config))
     except (OSError, ValueError) as error:
         print(f"prefill: {error}", file=sys.stderr)
+        sys.exit(1)
+    if not served:  # the engine died: exit so that a supervisor starts a new worker
+        print("prefill: the engine failed; exiting with code 1", file=sys.stderr)
         sys.exit(1)
 
 

@@ -65,6 +65,7 @@ class PrefillWorker:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _serving: bool = False
     _stopping: asyncio.Task[None] | None = None
+    failed: asyncio.Event = field(default_factory=asyncio.Event)  # set once the engine died
 
     @property
     def exporter_pids(self) -> list[int]:
@@ -116,10 +117,11 @@ class PrefillWorker:
                 log.exception("engine stats failed")
             self._drop_exited_exporters()
             if self._serving and not self.engine.healthy():
-                log.error("engine is no longer healthy; reporting NOT_SERVING")
+                log.error("engine is no longer healthy; reporting NOT_SERVING, then exiting")
                 await self._set_serving(False)
                 if self.registration is not None:
                     await self.registration.stop()
+                self.failed.set()  # the process stops and exits non-zero: a supervisor starts a new one
             await asyncio.sleep(_WATCH_INTERVAL_S)
 
     def _drop_exited_exporters(self) -> None:

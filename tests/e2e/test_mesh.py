@@ -13,6 +13,7 @@ import pytest
 import torch
 from openai import OpenAI
 
+from tandem import procs
 from tests.e2e.conftest import Mesh, start_mesh
 
 pytestmark = pytest.mark.e2e
@@ -244,7 +245,7 @@ def test_frontend_metrics_after_traffic(mesh: Mesh) -> None:
     assert metric(page, "tandem_frontend_route_mispredictions_total") == 0
 
 
-def test_two_workers_share_load_and_shutdown_leaves_no_process(model_path) -> None:  # type: ignore[no-untyped-def]
+def test_two_workers_share_load_a_killed_one_is_restarted_and_shutdown_leaves_no_process(model_path) -> None:  # type: ignore[no-untyped-def]
     mesh = start_mesh(2)
     try:
         oai = client(mesh)
@@ -256,6 +257,21 @@ def test_two_workers_share_load_and_shutdown_leaves_no_process(model_path) -> No
         page = scrape(f"{mesh.http_url}/metrics")  # two workers: every request waits for the router's choice
         assert metric(page, "tandem_frontend_routes_total", 'decision="asked"') == 6
         assert metric(page, "tandem_frontend_routes_total", 'decision="predicted"') == 0
+        children = mesh.children()
+        assert len(children) == 4
+        # A worker that dies (SIGKILL: the OOM killer, say) is started again, and the mesh serves on.
+        port = str(mesh.worker_base_port)
+        killed = next(c for c in children if "services.decode" in c.cmdline() and port in c.cmdline())
+        killed.kill()
+        deadline = time.monotonic() + 120
+        while not (procs.grpc_serving(mesh.worker_address(0))
+                   and any(port in c.cmdline() and c.pid != killed.pid for c in mesh.children())):
+            assert time.monotonic() < deadline, "the killed worker was not started again"
+            time.sleep(0.25)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda i: oai.completions.create(model=MODEL, prompt=f"Item {i}:", max_tokens=8),
+                                 range(4)))
+        assert all(out.choices[0].text for out in outs)
         children = mesh.children()
         assert len(children) == 4
     finally:

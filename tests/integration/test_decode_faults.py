@@ -147,7 +147,7 @@ async def test_failure_mid_stream_ends_with_an_error_response(channel: grpc.aio.
     assert worker.metrics.requests.labels(outcome="error")._value.get() == 1
 
 
-async def test_engine_death_turns_not_serving_and_leaves_the_router(channel: grpc.aio.Channel,
+async def test_engine_death_turns_not_serving_leaves_the_router_and_fails_the_worker(channel: grpc.aio.Channel,
                                                                     worker: DecodeWorker,
                                                                     router: RunningRouter) -> None:
     health = health_pb2_grpc.HealthStub(channel)
@@ -157,6 +157,8 @@ async def test_engine_death_turns_not_serving_and_leaves_the_router(channel: grp
     assert (await asyncio.wait_for(watch.read(), 2)).status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert await listed_worker_ids(router) == []
     watch.cancel()
+    # ... and says it failed: its process stops and exits non-zero, for a supervisor to start a new one.
+    await asyncio.wait_for(worker.failed.wait(), 2)
 
 
 async def test_sigterm_drain_finishes_in_flight_requests_and_refuses_new_ones(

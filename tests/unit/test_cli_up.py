@@ -63,3 +63,28 @@ def test_engine_process_setting_names_what_it_takes(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         cli._up_parser().parse_args(["--engine-process", "maybe"])
     assert "expected auto, on or off, got 'maybe'" in capsys.readouterr().err
+
+
+def test_a_worker_that_keeps_exiting_soon_waits_twice_as_long_each_time_up_to_a_cap() -> None:
+    delays, previous = [], 0.0
+    for _ in range(7):  # each run lasts 2 s
+        previous = cli.restart_delay(previous, lived_s=2.0)
+        delays.append(previous)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    # One that had run a while before it exited is started again after the first delay.
+    assert cli.restart_delay(30.0, lived_s=cli.RESTART_STABLE_S) == cli.RESTART_FIRST_DELAY_S
+
+
+@pytest.mark.parametrize(("argv", "env", "restart"), [
+    ([], None, True),  # on by default
+    (["--restart-workers", "0"], None, False),
+    ([], "off", False),
+    (["--restart-workers", "on"], "off", True),
+])
+def test_restart_workers_setting(monkeypatch: pytest.MonkeyPatch, argv: list[str], env: str | None,
+                                 restart: bool) -> None:
+    if env is None:
+        monkeypatch.delenv("TANDEM_RESTART_WORKERS", raising=False)
+    else:
+        monkeypatch.setenv("TANDEM_RESTART_WORKERS", env)
+    assert cli._up_parser().parse_args(argv).restart_workers is restart

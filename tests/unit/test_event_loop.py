@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 
@@ -50,3 +51,34 @@ def test_each_service_refuses_a_bad_setting_in_one_line(role: str) -> None:
     assert out.returncode != 0
     assert f"{role}: TANDEM_EVENT_LOOP='tokio'" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+class _Service:
+    def __init__(self) -> None:
+        self.failed = asyncio.Event()
+        self.stopped = False
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+def test_a_service_that_fails_is_stopped_and_says_so() -> None:
+    service = _Service()
+
+    async def start() -> _Service:
+        asyncio.get_running_loop().call_later(0.05, service.failed.set)  # its engine dies
+        return service
+
+    assert lifecycle.run(lifecycle.serve_until_signal(start)) is False
+    assert service.stopped
+
+
+def test_a_signal_stops_a_service_that_did_not_fail() -> None:
+    service = _Service()
+
+    async def start() -> _Service:
+        asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+        return service
+
+    assert lifecycle.run(lifecycle.serve_until_signal(start)) is True
+    assert service.stopped and not service.failed.is_set()
