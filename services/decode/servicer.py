@@ -21,9 +21,10 @@ from services.decode.kv_publisher import RequestProgress
 from services.decode.metrics import DecodeMetrics
 from services.decode.remote_prefill import RemotePrefill
 from tandem.engine.protocol import Engine
-from tandem.engine.types import EngineRequest, RequestOutput
+from tandem.engine.types import EngineRequest, FinishReason, RequestOutput
 from tandem.errors import InvalidRequest, ResourceExhausted, TandemError, Unavailable
 from tandem.grpc_server import bind_request_id, request_id_from_context
+from tandem.proto.common.v1 import common_pb2
 from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
 
 log = structlog.get_logger("decode")
@@ -141,16 +142,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 self._progress.first_token(request.request_id)
             outcome = "error"  # until the stream finishes
             try:
-                yield response_from_output(last)
+                yield self._response(last)
                 while not last.finished:
                     last = await anext(outputs)
-                    yield response_from_output(last)
+                    yield self._response(last)
                 outcome = last.finish_reason.value if last.finish_reason else "stop"
             except StopAsyncIteration:
-                yield error_response(RuntimeError("the engine ended the stream before the request finished"), last)
+                yield self._moved(error_response(RuntimeError("the engine ended the stream before the request finished"),
+                                                 last))
             except Exception as error:  # a per-item failure travels inside the stream
                 log.exception("generate failed mid-stream")
-                yield error_response(error, last)
+                yield self._moved(error_response(error, last))
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "abort"
             raise
@@ -169,6 +171,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 self._progress.finished(request.request_id)
             self._metrics.observe_request(outcome)
             log.debug("generate finished", outcome=outcome, num_output_tokens=last.num_output_tokens if last else 0)
+
+    def _response(self, output: RequestOutput) -> worker_pb2.GenerateResponse:
+        return self._moved(response_from_output(output)) if output.finish_reason is FinishReason.ERROR \
+            else response_from_output(output)
+
+    def _moved(self, response: worker_pb2.GenerateResponse) -> worker_pb2.GenerateResponse:
+        """A request that failed because the engine died ends UNAVAILABLE, not INTERNAL: the frontend then
+        moves it, with the tokens streamed so far, to another worker (this one exits to be restarted).
+        A failure of the request alone, with the engine alive, stays INTERNAL."""
+        if not self._engine.healthy():
+            response.error.code = common_pb2.ERROR_CODE_UNAVAILABLE
+            response.error.message = f"the worker's engine failed: {response.error.message}"
+        return response
 
     def _open(self, engine_request: EngineRequest, request: worker_pb2.GenerateRequest
               ) -> AsyncIterator[RequestOutput]:

@@ -38,6 +38,7 @@ class CountingEngine:
 
     def __init__(self, config: object, on_step: object) -> None:
         self.running = 0
+        self.dead = False  # die(): every request ends in error, as a failed step ends them
 
     async def start(self) -> None:
         pass
@@ -49,6 +50,10 @@ class CountingEngine:
         try:
             for i in range(max_tokens):
                 await asyncio.sleep(STEP_S)
+                if self.dead:
+                    yield RequestOutput(request.request_id, [], "", FinishReason.ERROR, len(request.prompt_token_ids),
+                                        i, error="engine failure: CUDA error: an illegal memory access")
+                    return
                 k = start + i
                 reason = FinishReason.LENGTH if i == max_tokens - 1 else None
                 yield RequestOutput(request.request_id, [10 + k], f" t{k}", reason,
@@ -63,7 +68,10 @@ class CountingEngine:
         return EngineStats(num_running=self.running, num_kv_blocks_total=64, num_free_queue_slots=8)
 
     def healthy(self) -> bool:
-        return True
+        return not self.dead
+
+    def die(self) -> None:
+        self.dead = True
 
     async def shutdown(self) -> None:
         pass
@@ -134,6 +142,36 @@ async def test_a_worker_whose_drain_times_out_hands_its_requests_over(
     migrated += frontend.metrics.registry.get_sample_value(
         "tandem_frontend_migrations_total", {"model": "m", "reason": "unreachable"}) or 0
     assert migrated == 2  # round-robin put two requests on the stopped worker
+    await frontend.close()
+
+
+async def test_requests_on_a_worker_whose_engine_fails_move_on_without_losing_a_token(
+        router: RunningRouter, workers: list[DecodeWorker]) -> None:
+    frontend = pipeline(router)
+    max_tokens = 30
+    texts = [""] * 4
+    progress = [0] * 4
+    flowing = asyncio.Event()
+
+    async def one(i: int) -> None:
+        request = GenerationRequest(f"r{i}", list(PROMPT), SamplingParams(max_tokens=max_tokens), "completions",
+                                    True)
+        async with aclosing(frontend.generate(request)) as outputs:
+            async for output in outputs:
+                texts[i] += output.text
+                progress[i] += len(output.token_ids)
+                if min(progress) >= 3:
+                    flowing.set()
+
+    tasks = [asyncio.create_task(one(i)) for i in range(4)]
+    await asyncio.wait_for(flowing.wait(), 10)
+    workers[0].engine.die()  # type: ignore[attr-defined]
+    await asyncio.gather(*tasks)
+    assert texts == ["".join(f" t{k}" for k in range(max_tokens))] * 4  # no error, no token lost or doubled
+    migrated = frontend.metrics.registry.get_sample_value(
+        "tandem_frontend_migrations_total", {"model": "m", "reason": "stream_broken"})
+    assert migrated == 2  # round-robin had put two requests on the failed worker
+    await asyncio.wait_for(workers[0].failed.wait(), 5)  # and that worker's process is on its way out
     await frontend.close()
 
 
