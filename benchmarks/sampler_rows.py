@@ -1,7 +1,7 @@
 """What drawing a batch's sampled tokens costs: the engine's sampler (the whole batch at once; top-p
-looks for its nucleus among the 1,024 most likely tokens first) against the way it drew before (each
-row alone: a sort of the whole vocabulary, then an exponential race over it), on one device, in one
-invocation.
+looks for its nucleus among the 1,024 most likely tokens first; unseeded rows by inverse CDF, seeded
+ones by an exponential race) against the way it drew before (each row alone: a sort of the whole
+vocabulary, then an exponential race over it), on one device, in one invocation.
 
 Rows are a SmolLM2-sized vocabulary of random logits with a language model's spread (standard
 deviation 5, so temperature 0.8 and top_p 0.9 keep a handful of tokens; the table says how many),

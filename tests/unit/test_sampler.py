@@ -258,3 +258,12 @@ def test_seeded_draws_survive_logits_that_differ_in_the_last_bits(params: Sampli
     here = [Sampler().sample(rows, [params], [p])[0] for p in range(300)]
     there = [Sampler().sample(moved, [params], [p])[0] for p in range(300)]
     assert sum(a == b for a, b in zip(here, there, strict=True)) >= 0.98 * len(here)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unseeded_draws_from_a_nucleus_follow_its_distribution(device: str) -> None:
+    row = torch.log(torch.tensor([[0.05, 0.3, 0.15, 0.5]])).to(device)  # the nucleus of 0.7: tokens 3 and 1
+    sampler = Sampler(seed=0)
+    draws = [sampler.sample(row, [SamplingParams(top_p=0.7)], [0])[0] for _ in range(3000)]
+    assert set(draws) == {1, 3}
+    assert 0.59 < draws.count(3) / len(draws) < 0.66  # 0.5 / 0.8

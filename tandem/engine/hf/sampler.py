@@ -164,38 +164,58 @@ class Sampler:
         if not drawn_rows:
             return tokens
         # The batch's draws at once, on the logits' device: the rows that truncate (top-k, top-p)
-        # together, the rest together, each with one filtering pass and one race, then one read.
-        drawn: list[tuple[int, int]] = []
+        # together, the rest together, each with one filtering pass, then one read of every draw.
+        drawn: list[tuple[list[int], torch.Tensor]] = []
         for group in ([i for i, row in enumerate(drawn_rows) if truncates(params[row])],
                       [i for i, row in enumerate(drawn_rows) if not truncates(params[row])]):
             if not group:
                 continue
             group_rows = [drawn_rows[i] for i in group]
             probs, ids = candidates(torch.stack([drawn_logits[i] for i in group]), [params[r] for r in group_rows])
-            if ids is not None:  # back over the vocabulary: a token's noise is its own, whatever its rank
-                probs = torch.zeros(len(group), logits.shape[-1], device=probs.device,
-                                    dtype=probs.dtype).scatter_(1, ids, probs)
-            picked = self._race(probs, [params[r].seed for r in group_rows], [positions[r] for r in group_rows])
-            drawn += zip(group_rows, picked.tolist(), strict=True)
-        for row, token in drawn:
-            tokens[row] = token
+            seeded = [i for i, row in enumerate(group_rows) if params[row].seed is not None]
+            unseeded = [i for i, row in enumerate(group_rows) if params[row].seed is None]
+            if unseeded:  # nothing to repeat: the cheapest exact draw, by inverse CDF over the candidates
+                picked = self._inverse_cdf(probs[unseeded])
+                drawn.append(([group_rows[i] for i in unseeded],
+                               picked if ids is None else ids[unseeded].gather(1, picked[:, None])[:, 0]))
+            if seeded:
+                rows_probs = probs[seeded]
+                if ids is not None:  # back over the vocabulary: a token's noise is its own, whatever its rank
+                    rows_probs = torch.zeros(len(seeded), logits.shape[-1], device=probs.device,
+                                             dtype=probs.dtype).scatter_(1, ids[seeded], rows_probs)
+                drawn.append(([group_rows[i] for i in seeded],
+                              self._seeded_race(rows_probs, [params[group_rows[i]].seed for i in seeded],
+                                                [positions[group_rows[i]] for i in seeded])))
+        for rows, picked in drawn:
+            for row, token in zip(rows, picked.tolist(), strict=True):
+                tokens[row] = token
         return tokens
 
-    def _race(self, probs: torch.Tensor, seeds: list[int | None], positions: list[int]) -> torch.Tensor:
-        """One token of each row of ``probs`` (over the vocabulary), drawn in proportion to its probability.
+    def _inverse_cdf(self, probs: torch.Tensor) -> torch.Tensor:
+        """One column of each row, drawn in proportion to its value (need not sum to 1)."""
+        unseeded, _ = self._generators_on(probs.device)
+        cdf = torch.cumsum(probs.double(), dim=-1)
+        uniform = torch.rand(probs.shape[0], generator=unseeded, device=probs.device, dtype=torch.float64)
+        # the first column whose cumulative mass passes the target: never one of probability 0
+        target = (uniform * cdf[:, -1])[:, None]
+        return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
 
-        Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Unseeded rows share one draw of
-        the noise; a seeded row's noise comes from (seed, position) alone. Each token has its own
-        noise, so a request that moved to another worker, whose logits differ from this one's in the
-        last bits (a prefill of what was decoded here), still draws the same tokens unless two
-        tokens nearly tie (a draw by inverse CDF moved in 3 of 5 runs of the migration test).
+    def _seeded_race(self, probs: torch.Tensor, seeds: list[int | None], positions: list[int]) -> torch.Tensor:
+        """One token of each row of ``probs`` (over the vocabulary), drawn in proportion to its probability
+        with noise that comes from (seed, position) alone.
+
+        Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Each token has its own noise, so a
+        request that moved to another worker, whose logits differ from this one's in the last bits (a
+        prefill of what was decoded here), still draws the same tokens unless two tokens nearly tie.
+        A seeded draw by inverse CDF moved in 3 of 5 runs of the migration test: there a small change
+        in any token before the drawn one shifts the boundaries.
         """
-        unseeded, seeded = self._generators_on(probs.device)
-        race = torch.empty_like(probs).exponential_(1.0, generator=unseeded)
+        _, generator = self._generators_on(probs.device)
+        race = torch.empty_like(probs)
         for row, seed in enumerate(seeds):
-            if seed is not None:
-                seeded.manual_seed(mix_seed(seed, positions[row]))
-                race[row].exponential_(1.0, generator=seeded)
+            assert seed is not None
+            generator.manual_seed(mix_seed(seed, positions[row]))
+            race[row].exponential_(1.0, generator=generator)
         return torch.argmax(probs / race, dim=-1)
 
 
