@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
 
@@ -113,16 +113,17 @@ def pipeline(router: RunningRouter, **kwargs: object) -> Pipeline:
                     metrics=FrontendMetrics(CollectorRegistry()), **kwargs)  # type: ignore[arg-type]
 
 
-async def test_a_worker_whose_drain_times_out_hands_its_requests_over(
-        router: RunningRouter, workers: list[DecodeWorker]) -> None:
-    frontend = pipeline(router)
-    max_tokens = 30
+MAX_TOKENS = 30
+
+
+async def four_streams_through(frontend: Pipeline, fault: Callable[[], Awaitable[object]]) -> list[str]:
+    """Four streams of MAX_TOKENS tokens; ``fault()`` once every one has a few. Their texts."""
     texts = [""] * 4
     progress = [0] * 4
     flowing = asyncio.Event()  # every stream has a few tokens
 
     async def one(i: int) -> None:
-        request = GenerationRequest(f"r{i}", list(PROMPT), SamplingParams(max_tokens=max_tokens), "completions",
+        request = GenerationRequest(f"r{i}", list(PROMPT), SamplingParams(max_tokens=MAX_TOKENS), "completions",
                                     True)
         async with aclosing(frontend.generate(request)) as outputs:
             async for output in outputs:
@@ -133,44 +134,37 @@ async def test_a_worker_whose_drain_times_out_hands_its_requests_over(
 
     tasks = [asyncio.create_task(one(i)) for i in range(4)]
     await asyncio.wait_for(flowing.wait(), 10)
-    # Scale-down with a drain too short for the requests: they are cancelled, and move.
-    await workers[0].stop(drain_timeout_s=0.05)
+    await fault()
     await asyncio.gather(*tasks)
-    assert texts == ["".join(f" t{k}" for k in range(max_tokens))] * 4
-    migrated = frontend.metrics.registry.get_sample_value(
-        "tandem_frontend_migrations_total", {"model": "m", "reason": "stream_broken"}) or 0
-    migrated += frontend.metrics.registry.get_sample_value(
-        "tandem_frontend_migrations_total", {"model": "m", "reason": "unreachable"}) or 0
-    assert migrated == 2  # round-robin put two requests on the stopped worker
+    return texts
+
+
+def migrations(frontend: Pipeline, reason: str) -> float:
+    return frontend.metrics.registry.get_sample_value(
+        "tandem_frontend_migrations_total", {"model": "m", "reason": reason}) or 0
+
+
+async def test_a_worker_whose_drain_times_out_hands_its_requests_over(
+        router: RunningRouter, workers: list[DecodeWorker]) -> None:
+    frontend = pipeline(router)
+    # Scale-down with a drain too short for the requests: they are cancelled, and move.
+    texts = await four_streams_through(frontend, lambda: workers[0].stop(drain_timeout_s=0.05))
+    assert texts == ["".join(f" t{k}" for k in range(MAX_TOKENS))] * 4
+    # round-robin put two requests on the stopped worker
+    assert migrations(frontend, "stream_broken") + migrations(frontend, "unreachable") == 2
     await frontend.close()
 
 
 async def test_requests_on_a_worker_whose_engine_fails_move_on_without_losing_a_token(
         router: RunningRouter, workers: list[DecodeWorker]) -> None:
     frontend = pipeline(router)
-    max_tokens = 30
-    texts = [""] * 4
-    progress = [0] * 4
-    flowing = asyncio.Event()
 
-    async def one(i: int) -> None:
-        request = GenerationRequest(f"r{i}", list(PROMPT), SamplingParams(max_tokens=max_tokens), "completions",
-                                    True)
-        async with aclosing(frontend.generate(request)) as outputs:
-            async for output in outputs:
-                texts[i] += output.text
-                progress[i] += len(output.token_ids)
-                if min(progress) >= 3:
-                    flowing.set()
+    async def engine_fails() -> None:
+        workers[0].engine.die()  # type: ignore[attr-defined]
 
-    tasks = [asyncio.create_task(one(i)) for i in range(4)]
-    await asyncio.wait_for(flowing.wait(), 10)
-    workers[0].engine.die()  # type: ignore[attr-defined]
-    await asyncio.gather(*tasks)
-    assert texts == ["".join(f" t{k}" for k in range(max_tokens))] * 4  # no error, no token lost or doubled
-    migrated = frontend.metrics.registry.get_sample_value(
-        "tandem_frontend_migrations_total", {"model": "m", "reason": "stream_broken"})
-    assert migrated == 2  # round-robin had put two requests on the failed worker
+    texts = await four_streams_through(frontend, engine_fails)
+    assert texts == ["".join(f" t{k}" for k in range(MAX_TOKENS))] * 4  # no error, no token lost or doubled
+    assert migrations(frontend, "stream_broken") == 2  # round-robin had put two requests on the failed worker
     await asyncio.wait_for(workers[0].failed.wait(), 5)  # and that worker's process is on its way out
     await frontend.close()
 
