@@ -78,7 +78,7 @@ def candidates(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[
     whole vocabulary (ids None: a column is its token id). Otherwise the rows' K most likely tokens,
     most likely first, with their ids: top-k keeps what is at least the row's k-th largest logit, and
     top-p the smallest set of the most likely tokens whose mass reaches top_p (always the first);
-    what is dropped has probability 0. Probabilities need not sum to 1 (the race does not need it).
+    what is dropped has probability 0. Probabilities need not sum to 1 (no draw here needs it).
     """
     rows, vocab = logits.shape
     device, dtype = logits.device, logits.dtype
