@@ -80,7 +80,7 @@ def candidates(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[
     top-p the smallest set of the most likely tokens whose mass reaches top_p (always the first);
     what is dropped has probability 0. Probabilities need not sum to 1 (no draw here needs it).
     """
-    rows, vocab = logits.shape
+    vocab = logits.shape[1]
     device, dtype = logits.device, logits.dtype
     temperatures = torch.tensor([p.temperature for p in params], device=device, dtype=dtype)
     logits = logits / temperatures[:, None]
@@ -183,9 +183,8 @@ class Sampler:
                 if ids is not None:  # back over the vocabulary: a token's noise is its own, whatever its rank
                     rows_probs = torch.zeros(len(seeded), logits.shape[-1], device=probs.device,
                                              dtype=probs.dtype).scatter_(1, ids[seeded], rows_probs)
-                drawn.append(([group_rows[i] for i in seeded],
-                              self._seeded_race(rows_probs, [params[group_rows[i]].seed for i in seeded],
-                                                [positions[group_rows[i]] for i in seeded])))
+                seeds = [(params[group_rows[i]].seed or 0, positions[group_rows[i]]) for i in seeded]
+                drawn.append(([group_rows[i] for i in seeded], self._seeded_race(rows_probs, seeds)))
         for rows, picked in drawn:
             for row, token in zip(rows, picked.tolist(), strict=True):
                 tokens[row] = token
@@ -200,9 +199,9 @@ class Sampler:
         target = (uniform * cdf[:, -1])[:, None]
         return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
 
-    def _seeded_race(self, probs: torch.Tensor, seeds: list[int | None], positions: list[int]) -> torch.Tensor:
+    def _seeded_race(self, probs: torch.Tensor, seeds: list[tuple[int, int]]) -> torch.Tensor:
         """One token of each row of ``probs`` (over the vocabulary), drawn in proportion to its probability
-        with noise that comes from (seed, position) alone.
+        with noise that comes from each row's (seed, position) alone.
 
         Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Each token has its own noise, so a
         request that moved to another worker, whose logits differ from this one's in the last bits (a
@@ -212,9 +211,8 @@ class Sampler:
         """
         _, generator = self._generators_on(probs.device)
         race = torch.empty_like(probs)
-        for row, seed in enumerate(seeds):
-            assert seed is not None
-            generator.manual_seed(mix_seed(seed, positions[row]))
+        for row, (seed, position) in enumerate(seeds):
+            generator.manual_seed(mix_seed(seed, position))
             race[row].exponential_(1.0, generator=generator)
         return torch.argmax(probs / race, dim=-1)
 
