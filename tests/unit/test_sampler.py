@@ -202,15 +202,18 @@ def test_a_seeded_draw_does_not_depend_on_the_rest_of_the_batch() -> None:
     assert batched == alone
 
 
-def test_rows_are_filtered_each_by_its_own_settings() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [50, 3 * NUCLEUS_CANDIDATES])  # the full sort, and the first look's top-k
+def test_rows_are_filtered_each_by_its_own_settings(device: str, vocab: int) -> None:
     torch.manual_seed(0)
-    rows = torch.randn(4, 50)
+    rows = torch.randn(4, vocab) * 3
     params = [SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.5),
               SamplingParams(temperature=1.3, top_k=10, top_p=0.8), SamplingParams(temperature=2.0)]
-    together = torch.cat([filtered(rows[:3], params[:3]), filtered(rows[3:], params[3:])])  # the sampler's groups
+    on_device = rows.to(device)
+    together = torch.cat([filtered(on_device[:3], params[:3]), filtered(on_device[3:], params[3:])]).cpu()
     for row, p in enumerate(params):
         assert torch.allclose(together[row], _one_row(rows[row], p), atol=1e-6)
-    assert int((together[0] > 0).sum()) == 5 and int((together[3] > 0).sum()) == 50
+    assert int((together[0] > 0).sum()) == 5 and int((together[3] > 0).sum()) == vocab
 
 
 def test_a_nucleus_wider_than_the_first_look_is_found_whole() -> None:
