@@ -36,35 +36,36 @@ def restart_delay(previous_s: float, lived_s: float) -> float:
 
 
 @dataclass
+class _Restartable:
+    """One worker of a mesh that ``WorkerRestarts`` starts again: how, and when it last started."""
+
+    name: str
+    spawn: Callable[[], subprocess.Popen[bytes]]
+    started_s: float
+    delay_s: float = 0.0  # what it waited before its last start (0: never restarted)
+    due_s: float | None = None  # when it starts again, while it is down
+
+
 class WorkerRestarts:
     """Starts each worker of a mesh again when it exits (killed, out of memory, its engine failed)."""
 
-    mesh: Mesh
-    spawners: list[Callable[[], subprocess.Popen[bytes]]]
-    names: list[str]
-    started_s: list[float] = field(default_factory=list)
-    delays_s: list[float] = field(default_factory=list)
-    due_s: list[float | None] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
+    def __init__(self, mesh: Mesh, spawners: list[Callable[[], subprocess.Popen[bytes]]], names: list[str]) -> None:
+        self.mesh = mesh
         now = time.monotonic()
-        self.started_s = [now] * len(self.names)
-        self.delays_s = [0.0] * len(self.names)
-        self.due_s = [None] * len(self.names)
+        self._workers = [_Restartable(name, spawn, now) for name, spawn in zip(names, spawners, strict=True)]
 
     def poll(self) -> None:
         now = time.monotonic()
-        for i, proc in enumerate(self.mesh.workers):
-            due = self.due_s[i]
-            if due is None and proc.poll() is not None:
-                self.delays_s[i] = restart_delay(self.delays_s[i], now - self.started_s[i])
-                self.due_s[i] = now + self.delays_s[i]
-                print(f"tandem: {self.names[i]} (pid {proc.pid}) exited with code {proc.returncode}; "
-                      f"starting it again in {self.delays_s[i]:.0f} s", file=sys.stderr, flush=True)
-            elif due is not None and now >= due:
-                self.mesh.workers[i] = self.spawners[i]()
-                self.started_s[i], self.due_s[i] = now, None
-                print(f"tandem: {self.names[i]} started again (pid {self.mesh.workers[i].pid})",
+        for i, (proc, worker) in enumerate(zip(self.mesh.workers, self._workers, strict=True)):
+            if worker.due_s is None and proc.poll() is not None:
+                worker.delay_s = restart_delay(worker.delay_s, now - worker.started_s)
+                worker.due_s = now + worker.delay_s
+                print(f"tandem: {worker.name} (pid {proc.pid}) exited with code {proc.returncode}; "
+                      f"starting it again in {worker.delay_s:.0f} s", file=sys.stderr, flush=True)
+            elif worker.due_s is not None and now >= worker.due_s:
+                self.mesh.workers[i] = worker.spawn()
+                worker.started_s, worker.due_s = now, None
+                print(f"tandem: {worker.name} started again (pid {self.mesh.workers[i].pid})",
                       file=sys.stderr, flush=True)
 
 
