@@ -79,6 +79,17 @@ def test_the_arena_is_advised_for_huge_pages() -> None:
         assert "hg" in mapping_of(tensor.data_ptr())[1]
 
 
+def test_two_views_of_one_storage_keep_their_own_shapes() -> None:
+    model = nn.Module()
+    base = torch.arange(2048, dtype=torch.float32)
+    model.register_buffer("whole", base)
+    model.register_buffer("head", base[:1024])  # same start, another shape
+    _weights_to_huge_pages(model)
+    assert model.whole.shape == (2048,) and model.head.shape == (1024,)
+    assert torch.equal(model.whole, torch.arange(2048, dtype=torch.float32))
+    assert torch.equal(model.head, torch.arange(1024, dtype=torch.float32))
+
+
 def test_a_model_without_cpu_weights_is_left_alone() -> None:
     model = nn.Module()
     model.register_buffer("empty", torch.empty(0))

@@ -115,12 +115,12 @@ def _weights_to_huge_pages(model: torch.nn.Module) -> int:
     step reads every weight, and with 4 KiB pages that is a TLB miss every 4 KiB (130,000 a step
     for SmolLM2-135M in fp32). Every weight moves, the small ones too, so that nothing keeps the
     file's mapping (and its page-cache pages in this process's memory) alive. Tied weights (an
-    embedding shared with the LM head) stay one tensor.
+    embedding shared with the LM head) stay one tensor; other views of shared memory get copies.
     """
-    by_storage: dict[int, list[torch.Tensor]] = {}
+    by_storage: dict[tuple[int, torch.dtype, torch.Size], list[torch.Tensor]] = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.nbytes:
-            by_storage.setdefault(tensor.data_ptr(), []).append(tensor)
+            by_storage.setdefault((tensor.data_ptr(), tensor.dtype, tensor.shape), []).append(tensor)
     sizes = [-(-group[0].nbytes // _WEIGHT_ALIGN) * _WEIGHT_ALIGN for group in by_storage.values()]
     if not sizes:
         return 0
