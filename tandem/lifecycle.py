@@ -8,6 +8,8 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
+from tandem.telemetry.runtime import freeze_startup_objects
+
 T = TypeVar("T")
 
 EVENT_LOOPS = ("uvloop", "asyncio")
@@ -25,7 +27,8 @@ async def serve_until_signal(start: Callable[[], Awaitable[Stoppable]],
     Cancelling ``start`` (a model still loading, say) lets it unbind its ports on the way out. A
     service with a ``failed`` event (a worker whose engine died) is stopped when that is set, and
     this returns False: the process should then exit non-zero, so that whatever supervises it
-    (``tandem up``, Kubernetes, docker-compose) starts a new one. True after a signal.
+    (``tandem up``, Kubernetes, docker-compose) starts a new one. True after a signal. Once started,
+    the objects start-up made are frozen out of the garbage collector's full collections.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -39,6 +42,7 @@ async def serve_until_signal(start: Callable[[], Awaitable[Stoppable]],
         await asyncio.gather(starting, return_exceptions=True)
         return True
     service = starting.result()
+    freeze_startup_objects()  # what start-up made lives as long as the process: no collection walks it again
     failed_event: asyncio.Event | None = getattr(service, "failed", None)
     failing = asyncio.ensure_future(failed_event.wait()) if failed_event is not None else None
     await asyncio.wait({stopped} if failing is None else {stopped, failing}, return_when=asyncio.FIRST_COMPLETED)

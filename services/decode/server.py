@@ -31,6 +31,7 @@ from tandem.models import resolve_model
 from tandem.procinfo import own_identity, process_meta, process_to_proto
 from tandem.proto.router.v1 import router_pb2
 from tandem.proto.worker.v1 import worker_pb2, worker_pb2_grpc
+from tandem.telemetry.runtime import register_runtime_metrics
 
 log = structlog.get_logger("decode")
 
@@ -124,6 +125,7 @@ async def serve(config: DecodeConfig, *, engine_factory: EngineFactory = create_
     """
     model_path = await asyncio.to_thread(resolve_model, config.model or None)  # may convert once (~30 s)
     metrics = DecodeMetrics(CollectorRegistry())
+    register_runtime_metrics(metrics.registry)
     engine = engine_factory(config.engine_config(model_path), metrics.observe_step)
     progress = RequestProgress()  # first tokens and finishes, for the router's load prediction
     remote_prefill = None

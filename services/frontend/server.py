@@ -21,6 +21,7 @@ from services.frontend.pipeline import Pipeline
 from tandem.discovery.consul import REGISTRIES, ConsulRegistration, ConsulSettings
 from tandem.grpc_server import GrpcService
 from tandem.models import resolve_model, served_model_name
+from tandem.telemetry.runtime import register_runtime_metrics
 
 log = structlog.get_logger(__name__)
 
@@ -167,6 +168,7 @@ async def serve(config: FrontendConfig, *, registry: CollectorRegistry | None = 
     model_path = await asyncio.to_thread(resolve_model, config.model or None)
     model_name = config.served_model_name or served_model_name(model_path)
     metrics = FrontendMetrics(registry if registry is not None else CollectorRegistry())
+    register_runtime_metrics(metrics.registry)
     pipeline = await Pipeline.from_model_dir(
         model_path, model_name=model_name, max_model_len=config.max_model_len,
         router_address=config.router_address, metrics=metrics,

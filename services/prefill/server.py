@@ -34,6 +34,7 @@ from tandem.models import resolve_model
 from tandem.procinfo import own_identity, process_to_proto
 from tandem.proto.kv.v1 import kv_pb2
 from tandem.proto.router.v1 import router_pb2
+from tandem.telemetry.runtime import register_runtime_metrics
 
 log = structlog.get_logger("prefill")
 
@@ -152,6 +153,7 @@ async def serve(config: PrefillConfig, *, engine_factory: EngineFactory = create
     await asyncio.to_thread(sweep_orphans, config.shm_dir)
     model_path = await asyncio.to_thread(resolve_model, config.model or None)
     metrics = DecodeMetrics(CollectorRegistry())
+    register_runtime_metrics(metrics.registry)
     export_metrics = ExportMetrics(metrics.registry)
     engine = engine_factory(config.engine_config(model_path), metrics.observe_step)
     if not hasattr(engine, "prefill") or not hasattr(engine, "read_kv"):

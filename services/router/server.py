@@ -27,6 +27,7 @@ from services.router.servicer import RouterServicer
 from tandem.discovery.consul import ConsulRegistration
 from tandem.grpc_server import GrpcService
 from tandem.proto.router.v1 import router_pb2, router_pb2_grpc
+from tandem.telemetry.runtime import register_runtime_metrics
 
 log = structlog.get_logger("router")
 
@@ -83,6 +84,7 @@ async def serve(config: RouterConfig, *, rng: random.Random | None = None) -> Ru
     """Bind, start and report SERVING. ``rng`` makes random tie-breaking repeatable in tests."""
     registry = EmbeddedRegistry(stale_after_s=config.worker_stale_s)
     metrics = RouterMetrics(CollectorRegistry())
+    register_runtime_metrics(metrics.registry)
     # The KV view is kept whatever the policy (events are cheap); only `kv` routes by it.
     kv_index = KvIndex()
     kv = KvRouter(kv_index, LoadTracker(share_blocks=config.kv_decode_blocks == "shared"),

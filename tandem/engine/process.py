@@ -32,6 +32,7 @@ import structlog
 from tandem import errors
 from tandem.engine.config import EngineConfig
 from tandem.engine.types import EngineRequest, EngineStats, FinishReason, RequestOutput, StepInfo
+from tandem.telemetry.runtime import freeze_startup_objects
 
 log = structlog.get_logger(__name__)
 
@@ -226,6 +227,7 @@ class _ChildRelay:
 
         self._engine = create_engine(dataclasses.replace(self._config, own_process=False), on_step=self._note_step)
         await self._engine.start()
+        freeze_startup_objects()  # a full collection would stop the step thread (see tandem.telemetry.runtime)
         self._outputs.send(("ready", self._engine.model_name, self._engine.max_model_len))
         loop = asyncio.get_running_loop()
         loop.add_reader(self._commands.fileno(), self._readable)

@@ -245,6 +245,16 @@ def test_frontend_metrics_after_traffic(mesh: Mesh) -> None:
     assert metric(page, "tandem_frontend_route_mispredictions_total") == 0
 
 
+def test_services_show_process_metrics_and_froze_their_start_up_objects(mesh: Mesh) -> None:
+    for url in (f"{mesh.http_url}/metrics", mesh.worker_metrics_url(0)):
+        page = scrape(url)
+        assert metric(page, "process_resident_memory_bytes") > 50e6, url
+        assert metric(page, "process_cpu_seconds_total") > 0, url
+        assert metric(page, "python_gc_collections_total", 'generation="0"') > 0, url
+        # torch, transformers, gRPC: far more objects than a bare interpreter's, all out of the collector's way
+        assert metric(page, "tandem_gc_frozen_objects") > 100_000, url
+
+
 def test_two_workers_share_load_a_killed_one_is_restarted_and_shutdown_leaves_no_process(model_path) -> None:  # type: ignore[no-untyped-def]
     mesh = start_mesh(2)
     try:

@@ -259,7 +259,10 @@ async def test_metrics_endpoint_serves_prometheus_text() -> None:
         body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read())
         text = body.decode()
         for name in ("tandem_router_registered_workers", 'tandem_router_route_decisions_total{outcome="routed"}',
-                     "tandem_router_route_decision_duration_seconds_bucket"):
+                     "tandem_router_route_decision_duration_seconds_bucket",
+                     # the process and garbage-collector metrics every service shows
+                     "process_resident_memory_bytes", 'python_gc_collections_total{generation="2"}',
+                     'tandem_gc_pause_seconds_count{generation="0"}', "tandem_gc_frozen_objects"):
             assert name in text
     finally:
         await running.stop(grace_s=0)
