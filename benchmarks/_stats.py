@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 from collections.abc import Sequence
 
@@ -19,6 +20,19 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def median_ci(values: Sequence[float], level: float = 0.95, resamples: int = 4000,
+              seed: int = 0) -> tuple[float, float]:
+    """A bootstrap (percentile) confidence interval of the median of ``values``: how far the median
+    of this many paired ratios could land from run to run. Seeded, so a table reprints alike."""
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    data = list(values)
+    medians = sorted(statistics.median(rng.choices(data, k=len(data))) for _ in range(resamples))
+    tail = (1 - level) / 2 * 100
+    return percentile(medians, tail), percentile(medians, 100 - tail)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -5,7 +5,10 @@ times against both, and prints req/s, output tokens/s, TTFT and ITL p50/p99 and 
 Both paths start the clock before tokenising the prompt (the frontend tokenises; so must an
 in-process caller). Runs alternate engine-first and mesh-first, and each ratio is the median of
 the ratios of adjacent (engine, mesh) pairs: shared machines drift by more than the mesh costs, and
-pairing cancels the drift. The spread column gives the lowest and highest pair ratio of TTFT p50;
+pairing cancels the drift. The spread column gives the lowest and highest pair ratio of TTFT p50,
+and the CI columns a bootstrap 95% confidence interval of the median pair ratio of TTFT and ITL p50;
+a line per level then says whether the mesh stays inside the 5% target (the whole interval under 1.05),
+is over it (the whole interval above) or cannot be told apart from it with this many pairs;
 "step ms" is the mean forward pass of the in-process engine or of the mesh's worker (from its /metrics)
 during the runs, so a slower worker step tells apart from relay costs.
 Usage: python benchmarks/load.py [--concurrency 1 4 16] [--runs 5] [--max-tokens 48]
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stats import median, percentile, table  # noqa: E402
+from _stats import median, median_ci, percentile, table  # noqa: E402
 
 TOPICS = ["the sea", "a red fox", "mountains at dawn", "an old library", "a quiet train", "the first snow",
           "a lighthouse", "city lights", "a lost key", "the desert wind", "a paper boat", "autumn leaves",
@@ -246,6 +249,17 @@ def paired_ratios(mesh_runs: list[RunResult], engine_runs: list[RunResult]) -> d
     return {key: [m[key] / e[key] for m, e in pairs] for key in pairs[0][0]}
 
 
+def against_target(low: float, high: float, target: float = 1.05) -> str:
+    """Where a ratio's confidence interval sits against the mesh's cost target."""
+    if high != high:  # NaN: a single pair has no interval
+        return "one pair: no interval (use --runs 2 or more)"
+    if high < target:
+        return f"inside the target (CI95 {low:.3f}-{high:.3f})"
+    if low > target:
+        return f"over the target (CI95 {low:.3f}-{high:.3f})"
+    return f"not told apart from the target with these pairs (CI95 {low:.3f}-{high:.3f})"
+
+
 def start_mesh(threads: int, model: Path, device: str) -> tuple[subprocess.Popen[bytes], str, str]:
     """The mesh's process, its frontend URL and its one worker's metrics URL."""
     from tandem import procs
@@ -305,7 +319,8 @@ async def main() -> None:
     engine = HFEngine(EngineConfig(model_path=model_path, num_threads=args.threads, device=args.device),
                       on_step=clock)
     await engine.start()
-    rows = []
+    rows: list[list[object]] = []
+    verdicts: list[str] = []
     try:
         texts = prompts(args.requests_per_level)
         await run_engine(engine, texts[:2], 2, 4)  # warm-up both paths
@@ -322,10 +337,15 @@ async def main() -> None:
                                                         metrics_url, args.chat, args.client))
             e, m = summarize(engine_runs), summarize(mesh_runs)
             for name, s in (("engine", e), ("mesh", m)):
-                rows.append([concurrency, name, *(s[k] for k in s), ""])
+                rows.append([concurrency, name, *(s[k] for k in s), "", "", ""])
             ratios = paired_ratios(mesh_runs, engine_runs)
             spread = f"{min(ratios['ttft_p50_ms']):.3f}-{max(ratios['ttft_p50_ms']):.3f}"
-            rows.append([concurrency, "mesh/engine", *(median(r) for r in ratios.values()), spread])
+            cis = {key: median_ci(ratios[key]) for key in ("ttft_p50_ms", "itl_p50_ms")}
+            rows.append([concurrency, "mesh/engine", *(median(r) for r in ratios.values()), spread,
+                         *(f"{low:.3f}-{high:.3f}" for low, high in cis.values())])
+            verdicts.append(f"concurrency {concurrency}: " + "; ".join(
+                f"{label} {median(ratios[key]):.3f}, {against_target(*cis[key])}"
+                for label, key in (("TTFT p50", "ttft_p50_ms"), ("ITL p50", "itl_p50_ms"))))
     finally:
         await engine.shutdown()
         if mesh_proc is not None:
@@ -335,7 +355,10 @@ async def main() -> None:
           f"{args.runs} runs (medians; ratios: medians of paired runs), {args.threads} torch thread(s), "
           f"device {args.device}, {'chat completions' if args.chat else 'completions'}, {args.client} HTTP client\n")
     print(table(["conc", "path", "req/s", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
-                 "step ms", "TTFT ratio spread"], rows))
+                 "step ms", "TTFT ratio spread", "TTFT ratio CI95", "ITL ratio CI95"], rows))
+    print("\nAgainst the target (the mesh adds under 5% to TTFT p50 and ITL p50), median pair ratio and its CI95:")
+    for line in verdicts:
+        print(f"  {line}")
 
 
 if __name__ == "__main__":
