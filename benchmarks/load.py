@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import re
 import subprocess
@@ -28,6 +27,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import median, median_ci, percentile, table  # noqa: E402
@@ -134,36 +134,57 @@ class RawSseClient:
         self._idle.clear()
 
 
-async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max_tokens: int,
-                   metrics_url: str | None = None, chat: bool = False, client: str = "raw") -> RunResult:
-    """Stream ``texts`` through the frontend's /v1/completions (``chat``: each as a user message to
-    /v1/chat/completions) with RawSseClient, or aiohttp's client (``client="aiohttp"``)."""
-    import aiohttp
+class MeshClient:
+    """The benchmark's HTTP client of one frontend, kept for the whole benchmark: its connections stay open
+    between runs, as an OpenAI client's connection pool does between requests. (A client made per run
+    opened a new TCP connection for each run's first request, which the frontend then had to accept:
+    a cost the in-process engine has no counterpart for, and one a real client pays once.)
+    ``kind`` "raw" is RawSseClient, "aiohttp" aiohttp's client."""
 
-    result = RunResult()
-    steps_before = worker_steps(metrics_url)
-    sem = asyncio.Semaphore(concurrency)
-    path = f"/v1/{'chat/' if chat else ''}completions"
-    raw_client = RawSseClient(url)
+    def __init__(self, url: str, kind: str = "raw") -> None:
+        self.url = url
+        self.kind = kind
+        self._raw = RawSseClient(url)
+        self._session: Any = None  # an aiohttp.ClientSession, opened on first use (inside the loop)
 
-    async def reply_lines(session: aiohttp.ClientSession | None, body: dict[str, object]) -> AsyncIterator[bytes]:
-        if session is None:
-            async for line in raw_client.lines(path, json.dumps(body).encode()):
+    async def lines(self, path: str, body: dict[str, object]) -> AsyncIterator[bytes]:
+        """POST ``body`` to ``path`` and yield the streamed reply's lines."""
+        if self.kind == "raw":
+            async for line in self._raw.lines(path, json.dumps(body).encode()):
                 yield line
             return
-        async with session.post(f"{url}{path}", json=body) as reply:
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600))
+        async with self._session.post(f"{self.url}{path}", json=body) as reply:
             reply.raise_for_status()
             async for line in reply.content:  # one SSE line at a time
                 yield line
 
-    async def one(session: aiohttp.ClientSession | None, text: str) -> None:
+    async def close(self) -> None:
+        self._raw.close()
+        if self._session is not None:
+            await self._session.close()
+
+
+async def run_mesh(client: MeshClient, model: str, texts: list[str], concurrency: int, max_tokens: int,
+                   metrics_url: str | None = None, chat: bool = False) -> RunResult:
+    """Stream ``texts`` through the frontend's /v1/completions (``chat``: each as a user message to
+    /v1/chat/completions) with ``client``."""
+    result = RunResult()
+    steps_before = worker_steps(metrics_url)
+    sem = asyncio.Semaphore(concurrency)
+    path = f"/v1/{'chat/' if chat else ''}completions"
+
+    async def one(text: str) -> None:
         async with sem:
             start = time.perf_counter()
             body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
                     **({"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text})}
             last = None
-            async for raw in reply_lines(session, body):
+            async for raw in client.lines(path, body):
                 if not raw.startswith(b"data: {"):
                     continue  # blank separators and data: [DONE]
                 chunk = json.loads(raw[6:])
@@ -176,13 +197,7 @@ async def run_mesh(url: str, model: str, texts: list[str], concurrency: int, max
             result.requests += 1
 
     started = time.perf_counter()
-    try:
-        # The raw client needs no aiohttp session; only --client aiohttp opens one.
-        async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) if client == "aiohttp"
-                    else contextlib.nullcontext()) as session:
-            await asyncio.gather(*(one(session, t) for t in texts))
-    finally:
-        raw_client.close()
+    await asyncio.gather(*(one(t) for t in texts))
     result.wall_s = time.perf_counter() - started
     steps_after = worker_steps(metrics_url)
     result.step_s, result.steps = steps_after[0] - steps_before[0], steps_after[1] - steps_before[1]
@@ -319,12 +334,15 @@ async def main() -> None:
     engine = HFEngine(EngineConfig(model_path=model_path, num_threads=args.threads, device=args.device),
                       on_step=clock)
     await engine.start()
+    client = MeshClient(url, args.client)
     rows: list[list[object]] = []
     verdicts: list[str] = []
     try:
         texts = prompts(args.requests_per_level)
         await run_engine(engine, texts[:2], 2, 4)  # warm-up both paths
-        await run_mesh(url, model_name, texts[:2], 2, 4, client=args.client)
+        # As many requests at once as the highest level sends: the client opens its connections now.
+        widest = max(args.concurrency)
+        await run_mesh(client, model_name, prompts(widest), widest, 4)
         for concurrency in args.concurrency:
             mesh_runs, engine_runs = [], []
             for i in range(args.runs):  # pairs, alternating which goes first
@@ -333,8 +351,8 @@ async def main() -> None:
                         engine_runs.append(await run_engine(engine, texts, concurrency, args.max_tokens, clock,
                                                             args.chat))
                     else:
-                        mesh_runs.append(await run_mesh(url, model_name, texts, concurrency, args.max_tokens,
-                                                        metrics_url, args.chat, args.client))
+                        mesh_runs.append(await run_mesh(client, model_name, texts, concurrency, args.max_tokens,
+                                                        metrics_url, args.chat))
             e, m = summarize(engine_runs), summarize(mesh_runs)
             for name, s in (("engine", e), ("mesh", m)):
                 rows.append([concurrency, name, *(s[k] for k in s), "", "", ""])
@@ -347,6 +365,7 @@ async def main() -> None:
                 f"{label} {median(ratios[key]):.3f}, {against_target(*cis[key])}"
                 for label, key in (("TTFT p50", "ttft_p50_ms"), ("ITL p50", "itl_p50_ms"))))
     finally:
+        await client.close()
         await engine.shutdown()
         if mesh_proc is not None:
             mesh_proc.terminate()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _stats import median, table  # noqa: E402
-from load import RunResult, StepClock, figures, prompts, run_engine, run_mesh, start_mesh  # noqa: E402
+from load import MeshClient, RunResult, StepClock, figures, prompts, run_engine, run_mesh, start_mesh  # noqa: E402
 
 ORDERS = (("E", "A", "B"), ("B", "A", "E"), ("E", "B", "A"), ("A", "B", "E"))
 KEYS = ("ttft_p50_ms", "itl_p50_ms", "step_ms")
@@ -75,20 +75,22 @@ async def main() -> None:
     engine = HFEngine(EngineConfig(model_path=model_path, num_threads=1, device=args.device), on_step=clock)
     await engine.start()
     runs: dict[str, list[RunResult]] = {"E": [], "A": [], "B": []}
+    clients = {who: MeshClient(url) for who, (_, url, _) in meshes.items()}  # kept across runs (keep-alive)
     try:
         texts = prompts(args.requests)
         await run_engine(engine, texts[:4], 4, 4)  # warm-up: first calls, caches
-        for _, url, _ in meshes.values():
-            await run_mesh(url, model, texts[:4], 4, 4, chat=True)
+        for client in clients.values():  # and each client's connections, as many as the runs use at once
+            await run_mesh(client, model, prompts(max(4, args.concurrency)), max(4, args.concurrency), 4, chat=True)
         for i in range(args.runs):
             for who in ORDERS[i % len(ORDERS)]:
                 if who == "E":
                     runs[who].append(await run_engine(engine, texts, args.concurrency, args.max_tokens, clock, True))
                 else:
-                    _, url, metrics_url = meshes[who]
-                    runs[who].append(await run_mesh(url, model, texts, args.concurrency, args.max_tokens,
-                                                    metrics_url, True))
+                    runs[who].append(await run_mesh(clients[who], model, texts, args.concurrency, args.max_tokens,
+                                                    meshes[who][2], True))
     finally:
+        for client in clients.values():
+            await client.close()
         await engine.shutdown()
         for proc, _, _ in meshes.values():
             proc.terminate()
