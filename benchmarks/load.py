@@ -153,9 +153,9 @@ class MeshClient:
             async for line in self._raw.lines(path, json.dumps(body).encode()):
                 yield line
             return
-        import aiohttp
-
         if self._session is None:
+            import aiohttp
+
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600))
         async with self._session.post(f"{self.url}{path}", json=body) as reply:
             reply.raise_for_status()
