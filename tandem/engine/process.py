@@ -29,7 +29,7 @@ from typing import Any
 
 import structlog
 
-from tandem import errors
+from tandem import errors, lifecycle
 from tandem.engine.config import EngineConfig
 from tandem.engine.types import EngineRequest, EngineStats, FinishReason, RequestOutput, StepInfo
 from tandem.telemetry.runtime import freeze_startup_objects
@@ -73,6 +73,7 @@ class EngineProcess:
         self._started = asyncio.Event()
         self._child_healthy = True
         self._stopping = False
+        self.child_event_loop = ""  # the child's event loop module ("uvloop", "asyncio"), once it started
 
     async def start(self) -> None:
         context = multiprocessing.get_context("spawn")
@@ -172,7 +173,7 @@ class EngineProcess:
                 if stream is not None:
                     stream.put_nowait(item)
         elif kind == "ready":
-            _, self.model_name, self.max_model_len = message
+            _, self.model_name, self.max_model_len, self.child_event_loop = message
             self._started.set()
 
     def _end(self, why: str) -> None:
@@ -202,7 +203,7 @@ def _child_main(config: EngineConfig, commands: Connection, outputs: Connection)
     configure_logging("engine-core")
     with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
         comm.write("tandem-engine")  # what ps -o comm and top show (the command line is Python's spawn)
-    asyncio.run(_ChildRelay(config, commands, outputs).run())
+    lifecycle.run(_ChildRelay(config, commands, outputs).run())  # the event loop every Tandem process runs
 
 
 class _ChildRelay:
@@ -228,7 +229,8 @@ class _ChildRelay:
         self._engine = create_engine(dataclasses.replace(self._config, own_process=False), on_step=self._note_step)
         await self._engine.start()
         freeze_startup_objects()  # a full collection would stop the step thread (see tandem.telemetry.runtime)
-        self._outputs.send(("ready", self._engine.model_name, self._engine.max_model_len))
+        self._outputs.send(("ready", self._engine.model_name, self._engine.max_model_len,
+                            type(asyncio.get_running_loop()).__module__.split(".")[0]))
         loop = asyncio.get_running_loop()
         loop.add_reader(self._commands.fileno(), self._readable)
         ticker = asyncio.create_task(self._tick())

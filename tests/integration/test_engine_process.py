@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tandem import lifecycle
 from tandem.engine.config import EngineConfig
 from tandem.engine.hf.engine import HFEngine
 from tandem.engine.process import EngineProcess
@@ -64,6 +65,11 @@ async def test_greedy_tokens_match_the_in_process_engine(engine: EngineProcess, 
     assert "".join(o.text for o in child) == "".join(o.text for o in here)
     assert child[-1].finish_reason == FinishReason.LENGTH and child[-1].num_output_tokens == 12
     assert engine.model_name == local.model_name and engine.max_model_len == 256
+
+
+async def test_the_child_runs_the_event_loop_every_tandem_process_runs(engine: EngineProcess) -> None:
+    # uvloop unless TANDEM_EVENT_LOOP says otherwise; the child once ran the stdlib loop regardless.
+    assert engine.child_event_loop == lifecycle.event_loop_name()
 
 
 async def test_concurrent_requests_share_steps_and_report_them(engine: EngineProcess, steps: list[StepInfo]) -> None:
