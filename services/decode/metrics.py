@@ -12,6 +12,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 2048, 4096, 8192)
 # CPU steps of a 135M model take milliseconds; GPU steps of large models and long prefills seconds.
 _STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# The batch wait: a quiet gap of a few ms (what a lone request pays), up to batch_wait_ms for a burst.
+_WAIT_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.02, 0.05)
 
 
 class DecodeMetrics:
@@ -38,6 +40,10 @@ class DecodeMetrics:
                                      buckets=_TOKEN_BUCKETS, registry=registry)
         self.step_duration = Histogram("tandem_worker_step_duration_seconds", "Time of one forward pass.",
                                        buckets=_STEP_BUCKETS_S, registry=registry)
+        self.batch_wait = Histogram(
+            "tandem_worker_batch_wait_seconds",
+            "How long the idle engine waited for more requests before a step (the batch wait).",
+            buckets=_WAIT_BUCKETS_S, registry=registry)
         self.requests = Counter("tandem_worker_requests",
                                 "Requests (Generate calls and GenerateStream requests) by how they ended.",
                                 ["outcome"], registry=registry)
@@ -68,6 +74,8 @@ class DecodeMetrics:
         self.step_batch_size.observe(step.num_seqs)
         self.step_tokens.observe(step.num_tokens)
         self.step_duration.observe(step.duration_s)
+        if step.batch_wait_s is not None:
+            self.batch_wait.observe(step.batch_wait_s)
 
     def observe_request(self, outcome: str) -> None:
         self.requests.labels(outcome=outcome).inc()

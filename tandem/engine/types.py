@@ -147,6 +147,9 @@ class StepInfo:
     num_tokens: int  # tokens computed (prefill chunks + one per decoding request)
     num_prefill_tokens: int
     duration_s: float
+    # How long the idle engine waited for more requests before this step (the batch wait); None
+    # when the step followed another step, not a wait.
+    batch_wait_s: float | None = None
 
 
 @dataclass(slots=True, frozen=True)

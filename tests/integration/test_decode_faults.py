@@ -239,6 +239,7 @@ async def test_not_serving_while_the_engine_loads_then_serving(model_dir: Path) 
             text = (await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())).decode()
             for name in ("tandem_worker_running_requests", "tandem_worker_kv_blocks_total 8.0",
                          "tandem_worker_prefix_cache_hit_rate", "tandem_worker_step_duration_seconds_bucket",
+                         "tandem_worker_batch_wait_seconds_bucket",
                          'tandem_worker_requests_total{outcome="stop"}'):
                 assert name in text
         finally:

@@ -226,9 +226,13 @@ async def test_requests_arriving_a_millisecond_apart_share_an_idle_engines_first
         if batch_wait_ms:
             assert steps[0].num_seqs == 4 and steps[0].num_prefill_tokens == 4 * len(ids)
             assert len(steps) == 2  # one prefill step for all four, one decode step
+            # The wait spanned the burst (3 ms from first to last) and a quiet gap after it.
+            assert steps[0].batch_wait_s is not None and 0.003 <= steps[0].batch_wait_s <= batch_wait_ms / 1e3 + 0.005
         else:
             assert steps[0].num_seqs < 4  # the first arrival prefilled alone (or nearly)
             assert len(steps) > 2
+            assert steps[0].batch_wait_s is not None and steps[0].batch_wait_s < 0.001
+        assert all(step.batch_wait_s is None for step in steps[1:])  # they followed a step, not a wait
 
 
 async def test_a_burst_longer_than_the_quiet_gap_still_shares_the_first_step(model_path: Path) -> None:

@@ -72,6 +72,7 @@ class HFEngine(DisaggregationMixin):
         # pays the gap, not the wait); each arrival buys one more gap, up to batch_wait_ms in all.
         self._quiet_gap = QuietGap()
         self._arrivals_s: list[float] = []  # when the requests applied this loop turn reached the engine
+        self._batch_wait_s: float | None = None  # the wait before the next step, for its StepInfo
         # Fed by the block pool on the step thread; streamed to the router (KV-aware routing).
         self._kv_events = KvEventLog()
 
@@ -322,11 +323,12 @@ class HFEngine(DisaggregationMixin):
         ends after a quiet gap (3 ms or what bursts here have needed, at most 7.5% of a recent step:
         ``QuietGap``), so a lone request pays one gap; a burst keeps it going, arrival by arrival, for
         up to batch_wait_ms. (A whole wait capped at the gap, as before, is 1.5 ms with a GPU's 20 ms
-        steps: shorter than a burst of 4 takes to come through the frontend.) False on shutdown.
+        steps: shorter than a burst of 4 takes to come through the frontend.) The wait goes to the
+        next step's StepInfo (batch_wait_s). False on shutdown.
         """
         limit_s = self.config.batch_wait_ms / 1e3
         gap_s = self._quiet_gap.gap_s(self._recent_step_s, limit_s)
-        now = time.monotonic()
+        now = started = time.monotonic()
         end = now + limit_s
         deadline = now + gap_s
         try:
@@ -341,11 +343,14 @@ class HFEngine(DisaggregationMixin):
                 deadline = min(end, now + gap_s)
             return True
         finally:
-            self._quiet_gap.gathered(sorted(self._arrivals_s), time.monotonic(),
+            ended = time.monotonic()
+            self._batch_wait_s = ended - started
+            self._quiet_gap.gathered(sorted(self._arrivals_s), ended,
                                      self._quiet_gap.limit_s(self._recent_step_s, limit_s))
 
     def _step(self, updates: dict[str, TokenUpdate]) -> None:
         started = time.perf_counter()
+        batch_wait_s, self._batch_wait_s = self._batch_wait_s, None
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return
@@ -379,7 +384,7 @@ class HFEngine(DisaggregationMixin):
         if self._on_step is not None:
             num_tokens = sum(i.num_new_tokens for i in scheduled)
             prefill = sum(i.num_new_tokens for i in scheduled if i.num_new_tokens > 1)
-            self._on_step(StepInfo(len(scheduled), num_tokens, prefill, duration_s))
+            self._on_step(StepInfo(len(scheduled), num_tokens, prefill, duration_s, batch_wait_s))
 
     def _score_prompts(self, scheduled: list[ScheduledSeq], prompt_logits: Any) -> None:
         """Append each prompt_logprobs request's scores of this step's prompt positions."""
