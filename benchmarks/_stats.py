@@ -35,6 +35,28 @@ def median_ci(values: Sequence[float], level: float = 0.95, resamples: int = 400
     return percentile(medians, tail), percentile(medians, 100 - tail)
 
 
+def paired_ratio_ci(pairs: Sequence[tuple[Sequence[float], Sequence[float]]], q: float = 50,
+                    level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """The ratio of two paths' pooled q-th percentiles, and a bootstrap interval of it that resamples
+    whole pairs of runs (a pair's two runs share whatever the host was doing then).
+
+    ``pairs`` holds, per pair of runs, (samples of path A, samples of path B); the ratio is A over B.
+    Returns (ratio, low, high); NaN bounds for fewer than two pairs."""
+    def ratio(chosen: Sequence[tuple[Sequence[float], Sequence[float]]]) -> float:
+        a = [x for pair in chosen for x in pair[0]]
+        b = [x for pair in chosen for x in pair[1]]
+        return percentile(a, q) / percentile(b, q)
+
+    point = ratio(pairs)
+    if len(pairs) < 2:
+        return point, float("nan"), float("nan")
+    rng = random.Random(seed)
+    data = list(pairs)
+    ratios = sorted(ratio(rng.choices(data, k=len(data))) for _ in range(resamples))
+    tail = (1 - level) / 2 * 100
+    return point, percentile(ratios, tail), percentile(ratios, 100 - tail)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]

@@ -11,13 +11,18 @@ a line per level then says whether the mesh stays inside the 5% target (the whol
 is over it (the whole interval above) or cannot be told apart from it with this many pairs;
 "step ms" is the mean forward pass of the in-process engine or of the mesh's worker (from its /metrics)
 during the runs, so a slower worker step tells apart from relay costs.
-Usage: python benchmarks/load.py [--concurrency 1 4 16] [--runs 5] [--max-tokens 48]
+Each level's verdict line also gives the ratio of the two paths' TTFT (and ITL) p50 over every
+request of every run, the literal "TTFT p50" of the target, with a CI95 that resamples pairs.
+``--save FILE`` appends the runs to a file; ``--pool FILE...`` reports the saved runs of several
+invocations together (pairs of one setting pooled), without running anything.
+Usage: python benchmarks/load.py [--concurrency 1 4 16] [--runs 5] [--max-tokens 48] [--save runs.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import re
 import subprocess
@@ -30,11 +35,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _stats import median, median_ci, percentile, table  # noqa: E402
+from _stats import median, median_ci, paired_ratio_ci, percentile, table  # noqa: E402
 
 TOPICS = ["the sea", "a red fox", "mountains at dawn", "an old library", "a quiet train", "the first snow",
           "a lighthouse", "city lights", "a lost key", "the desert wind", "a paper boat", "autumn leaves",
           "a clockmaker", "the northern sky", "a garden gate", "a river stone"]
+
+
+# What must match for runs of two invocations to be pooled (besides the concurrency).
+SETTING_KEYS = ("device", "model", "chat", "max_tokens", "requests_per_level", "client")
 
 
 @dataclass
@@ -264,15 +273,13 @@ def paired_ratios(mesh_runs: list[RunResult], engine_runs: list[RunResult]) -> d
     return {key: [m[key] / e[key] for m, e in pairs] for key in pairs[0][0]}
 
 
-def against_target(low: float, high: float, target: float = 1.05) -> str:
-    """Where a ratio's confidence interval sits against the mesh's cost target."""
+def against_target(ratio: float, low: float, high: float, target: float = 1.05) -> str:
+    """A ratio, its confidence interval and where that interval sits against the mesh's cost target."""
     if high != high:  # NaN: a single pair has no interval
-        return "one pair: no interval (use --runs 2 or more)"
-    if high < target:
-        return f"inside the target (CI95 {low:.3f}-{high:.3f})"
-    if low > target:
-        return f"over the target (CI95 {low:.3f}-{high:.3f})"
-    return f"not told apart from the target with these pairs (CI95 {low:.3f}-{high:.3f})"
+        return f"{ratio:.3f} (one pair: no interval; use --runs 2 or more)"
+    where = ("inside the target" if high < target else "over the target" if low > target
+             else "not told apart from the target")
+    return f"{ratio:.3f} (CI95 {low:.3f}-{high:.3f}: {where})"
 
 
 def start_mesh(threads: int, model: Path, device: str) -> tuple[subprocess.Popen[bytes], str, str]:
@@ -317,7 +324,15 @@ async def main() -> None:
                              "model's first token then has text, so TTFT is one step, not two")
     parser.add_argument("--client", choices=("raw", "aiohttp"), default="raw",
                         help="HTTP client of the mesh runs: raw (RawSseClient, the least client cost) or aiohttp")
+    parser.add_argument("--save", type=Path, default=None,
+                        help="append each level's runs to this file (JSON lines), for --pool")
+    parser.add_argument("--pool", type=Path, nargs="+", default=None,
+                        help="no runs: report the runs saved with --save in these files, pairs of every "
+                             "invocation with the same setting together")
     args = parser.parse_args()
+    if args.pool:
+        pool(args.pool)
+        return
 
     import torch
 
@@ -335,6 +350,9 @@ async def main() -> None:
                       on_step=clock)
     await engine.start()
     client = MeshClient(url, args.client)
+    setting: dict[str, object] = {"device": args.device, "model": model_name, "chat": args.chat,
+                                  "max_tokens": args.max_tokens, "requests_per_level": args.requests_per_level,
+                                  "client": args.client}
     rows: list[list[object]] = []
     verdicts: list[str] = []
     try:
@@ -353,17 +371,11 @@ async def main() -> None:
                     else:
                         mesh_runs.append(await run_mesh(client, model_name, texts, concurrency, args.max_tokens,
                                                         metrics_url, args.chat))
-            e, m = summarize(engine_runs), summarize(mesh_runs)
-            for name, s in (("engine", e), ("mesh", m)):
-                rows.append([concurrency, name, *(s[k] for k in s), "", "", ""])
-            ratios = paired_ratios(mesh_runs, engine_runs)
-            spread = f"{min(ratios['ttft_p50_ms']):.3f}-{max(ratios['ttft_p50_ms']):.3f}"
-            cis = {key: median_ci(ratios[key]) for key in ("ttft_p50_ms", "itl_p50_ms")}
-            rows.append([concurrency, "mesh/engine", *(median(r) for r in ratios.values()), spread,
-                         *(f"{low:.3f}-{high:.3f}" for low, high in cis.values())])
-            verdicts.append(f"concurrency {concurrency}: " + "; ".join(
-                f"{label} {median(ratios[key]):.3f}, {against_target(*cis[key])}"
-                for label, key in (("TTFT p50", "ttft_p50_ms"), ("ITL p50", "itl_p50_ms"))))
+            level_rows, verdict = report_level(concurrency, mesh_runs, engine_runs)
+            rows += level_rows
+            verdicts.append(verdict)
+            if args.save:
+                save_level(args.save, setting, concurrency, mesh_runs, engine_runs)
     finally:
         await client.close()
         await engine.shutdown()
@@ -373,11 +385,70 @@ async def main() -> None:
     print(f"\n{args.requests_per_level} requests per level, {args.max_tokens} output tokens each, "
           f"{args.runs} runs (medians; ratios: medians of paired runs), {args.threads} torch thread(s), "
           f"device {args.device}, {'chat completions' if args.chat else 'completions'}, {args.client} HTTP client\n")
+    print_report(rows, verdicts)
+
+
+def print_report(rows: list[list[object]], verdicts: list[str]) -> None:
     print(table(["conc", "path", "req/s", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
                  "step ms", "TTFT ratio spread", "TTFT ratio CI95", "ITL ratio CI95"], rows))
-    print("\nAgainst the target (the mesh adds under 5% to TTFT p50 and ITL p50), median pair ratio and its CI95:")
+    print("\nAgainst the target (the mesh adds under 5% to TTFT p50 and ITL p50). Pair ratio: the median of the "
+          "pairs' ratios; pooled: the mesh's p50 over the engine's, each over every request of every run (its "
+          "CI95 resamples pairs). Inside: the whole CI95 under 1.05.")
     for line in verdicts:
         print(f"  {line}")
+
+
+def report_level(concurrency: int, mesh_runs: list[RunResult],
+                 engine_runs: list[RunResult]) -> tuple[list[list[object]], str]:
+    """A level's three table rows (engine, mesh, mesh/engine) and its line against the target."""
+    rows: list[list[object]] = []
+    e, m = summarize(engine_runs), summarize(mesh_runs)
+    for name, summary in (("engine", e), ("mesh", m)):
+        rows.append([concurrency, name, *(summary[k] for k in summary), "", "", ""])
+    ratios = paired_ratios(mesh_runs, engine_runs)
+    spread = f"{min(ratios['ttft_p50_ms']):.3f}-{max(ratios['ttft_p50_ms']):.3f}"
+    cis = {key: median_ci(ratios[key]) for key in ("ttft_p50_ms", "itl_p50_ms")}
+    rows.append([concurrency, "mesh/engine", *(median(r) for r in ratios.values()), spread,
+                 *(f"{low:.3f}-{high:.3f}" for low, high in cis.values())])
+    parts = []
+    for label, key, samples in (("TTFT p50", "ttft_p50_ms", "ttft_s"), ("ITL p50", "itl_p50_ms", "itl_s")):
+        pooled, low, high = paired_ratio_ci([(getattr(mr, samples), getattr(er, samples))
+                                             for mr, er in zip(mesh_runs, engine_runs, strict=True)])
+        parts.append(f"{label}: pair ratio {against_target(median(ratios[key]), *cis[key])}, "
+                     f"pooled {against_target(pooled, low, high)}")
+    return rows, f"concurrency {concurrency} ({len(mesh_runs)} pairs): " + "; ".join(parts)
+
+
+def save_level(path: Path, setting: dict[str, object], concurrency: int, mesh_runs: list[RunResult],
+               engine_runs: list[RunResult]) -> None:
+    """Append a level's runs to ``path`` (one JSON line), for --pool to report with other invocations'."""
+    record = {**setting, "concurrency": concurrency, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "pairs": [{"mesh": dataclasses.asdict(mr), "engine": dataclasses.asdict(er)}
+                        for mr, er in zip(mesh_runs, engine_runs, strict=True)]}
+    with path.open("a") as out:
+        out.write(json.dumps(record) + "\n")
+
+
+def pool(paths: list[Path]) -> None:
+    """Report the pairs saved by --save across invocations, level by level (same setting only)."""
+    levels: dict[tuple[object, ...], list[dict[str, Any]]] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            key = tuple(record[k] for k in SETTING_KEYS) + (record["concurrency"],)
+            levels.setdefault(key, []).append(record)
+    rows: list[list[object]] = []
+    verdicts: list[str] = []
+    for key, records in sorted(levels.items(), key=lambda item: str(item[0])):
+        pairs = [pair for record in records for pair in record["pairs"]]
+        mesh_runs = [RunResult(**pair["mesh"]) for pair in pairs]
+        engine_runs = [RunResult(**pair["engine"]) for pair in pairs]
+        level_rows, verdict = report_level(int(key[-1]), mesh_runs, engine_runs)  # type: ignore[call-overload]
+        rows += level_rows
+        setting = ", ".join(f"{k} {v}" for k, v in zip(SETTING_KEYS, key, strict=False))
+        verdicts.append(f"{verdict} [{len(records)} invocation(s): {setting}]")
+    print(f"\npooled from {', '.join(str(p) for p in paths)}\n")
+    print_report(rows, verdicts)
 
 
 if __name__ == "__main__":
