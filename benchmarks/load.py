@@ -14,7 +14,8 @@ during the runs, so a slower worker step tells apart from relay costs.
 Each level's verdict line also gives the ratio of the two paths' TTFT (and ITL) p50 over every
 request of every run, the literal "TTFT p50" of the target, with a CI95 that resamples pairs.
 ``--save FILE`` appends the runs to a file; ``--pool FILE...`` reports the saved runs of several
-invocations together (pairs of one setting pooled), without running anything.
+invocations together (pairs of one setting pooled), without running anything; a FILE ending in .gz
+is read gzipped (benchmarks/results/ keeps the runs behind the README's pooled figures).
 Usage: python benchmarks/load.py [--concurrency 1 4 16] [--runs 5] [--max-tokens 48] [--save runs.jsonl]
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gzip
 import json
 import re
 import subprocess
@@ -433,7 +435,8 @@ def pool(paths: list[Path]) -> None:
     """Report the pairs saved by --save across invocations, level by level (same setting only)."""
     levels: dict[tuple[object, ...], list[dict[str, Any]]] = {}
     for path in paths:
-        for line in path.read_text().splitlines():
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+        for line in text.splitlines():
             record = json.loads(line)
             key = tuple(record[k] for k in SETTING_KEYS) + (record["concurrency"],)
             levels.setdefault(key, []).append(record)
