@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import RunResult, figures  # noqa: E402
 from _stats import median, table  # noqa: E402
-from load import MeshClient, RunResult, StepClock, figures, prompts, run_engine, run_mesh, start_mesh  # noqa: E402
+from load import MeshClient, StepClock, prompts, run_engine, run_mesh, start_mesh  # noqa: E402
 
 ORDERS = (("E", "A", "B"), ("B", "A", "E"), ("E", "B", "A"), ("A", "B", "E"))
 KEYS = ("ttft_p50_ms", "itl_p50_ms", "step_ms")
