@@ -38,7 +38,6 @@ class RunResult:
         return now
 
 
-
 def figures(run: RunResult) -> dict[str, float]:
     return {
         "req/s": run.requests / run.wall_s,
@@ -69,7 +68,6 @@ def against_target(ratio: float, low: float, high: float, target: float = 1.05) 
     where = ("inside the target" if high < target else "over the target" if low > target
              else "not told apart from the target")
     return f"{ratio:.3f} (CI95 {low:.3f}-{high:.3f}: {where})"
-
 
 
 def print_report(rows: list[list[object]], verdicts: list[str]) -> None:
@@ -115,22 +113,22 @@ def save_level(path: Path, setting: dict[str, object], concurrency: int, mesh_ru
 
 def pool(paths: list[Path]) -> None:
     """Report the pairs saved by --save across invocations, level by level (same setting only)."""
-    levels: dict[tuple[object, ...], list[dict[str, Any]]] = {}
+    levels: dict[tuple[tuple[object, ...], int], list[dict[str, Any]]] = {}  # by (setting, concurrency)
     for path in paths:
         text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
         for line in text.splitlines():
             record = json.loads(line)
-            key = tuple(record[k] for k in SETTING_KEYS) + (record["concurrency"],)
+            key = (tuple(record[k] for k in SETTING_KEYS), int(record["concurrency"]))
             levels.setdefault(key, []).append(record)
     rows: list[list[object]] = []
     verdicts: list[str] = []
-    for key, records in sorted(levels.items(), key=lambda item: str(item[0])):
+    for (values, concurrency), records in sorted(levels.items(), key=lambda item: (str(item[0][0]), item[0][1])):
         pairs = [pair for record in records for pair in record["pairs"]]
         mesh_runs = [RunResult(**pair["mesh"]) for pair in pairs]
         engine_runs = [RunResult(**pair["engine"]) for pair in pairs]
-        level_rows, verdict = report_level(int(key[-1]), mesh_runs, engine_runs)  # type: ignore[call-overload]
+        level_rows, verdict = report_level(concurrency, mesh_runs, engine_runs)
         rows += level_rows
-        setting = ", ".join(f"{k} {v}" for k, v in zip(SETTING_KEYS, key, strict=False))
+        setting = ", ".join(f"{k} {v}" for k, v in zip(SETTING_KEYS, values, strict=True))
         verdicts.append(f"{verdict} [{len(records)} invocation(s): {setting}]")
     print(f"\npooled from {', '.join(str(p) for p in paths)}\n")
     print_report(rows, verdicts)
